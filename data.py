@@ -1,0 +1,939 @@
+"""Data for mtv: the toy world, shard reading and writing, label-consistent views, collation.
+
+The toy world is a tiny procedural 3-D world (coloured cubes, spheres, cylinders and cones on a
+textured floor) rendered by analytic ray casting in numpy. Every scene comes with the truth that
+real data lacks: metric depth per pixel, instance masks, boxes with entity names, probe labels and
+a caption that names every object and some spatial relations. That makes each of the four MTV
+objectives, and every evaluation, runnable and checkable on a CPU.
+
+Shards are POSIX tars in webdataset layout (members grouped by key: KEY.png, KEY.txt, ...), read
+with the standard library's tarfile; img2dataset output (KEY.jpg + KEY.txt + KEY.json) is valid
+input as is. `ShardDataset` streams them, split over ranks and dataloader workers, and applies
+`make_views`: random resized crops and flips that move depth maps and boxes with the image.
+
+    python data.py --out data/toy --n 2000 --val-n 500     # write train/val shards
+    python data.py --preview data/toy/train-000000.tar --png preview.png
+"""
+
+import argparse
+import glob
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+import textwrap
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# The toy world: vocabulary, camera, primitives
+
+SHAPES = ("cube", "sphere", "cylinder", "cone")
+COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "white")
+SIZES = ("small", "large")
+
+RGB = np.array([(0.85, 0.13, 0.10), (0.95, 0.50, 0.08), (0.95, 0.85, 0.15), (0.20, 0.68, 0.22),
+                (0.15, 0.75, 0.80), (0.15, 0.30, 0.88), (0.55, 0.22, 0.75), (0.92, 0.92, 0.90)])
+RADIUS = {"small": 0.4, "large": 0.7}              # world units; the camera stands ~1.6 high
+FLOORS = {                                         # two checker tones each, desaturated: no floor
+    "grey tiled": ((0.55, 0.55, 0.56), (0.40, 0.40, 0.42)),  # passes for an object colour
+    "sandy": ((0.72, 0.64, 0.50), (0.60, 0.52, 0.40)),
+    "brown wooden": ((0.50, 0.38, 0.28), (0.40, 0.30, 0.22)),
+    "slate": ((0.42, 0.46, 0.50), (0.32, 0.35, 0.39)),
+}
+FOV = math.radians(50.0)                           # square images: same field of view both ways
+FOCAL = 0.5 / math.tan(FOV / 2)                    # focal length in units of the image width
+MAX_HIDDEN = 0.35                                  # most of a farther object's disc a nearer one may hide
+HORIZON, ZENITH = np.array([0.80, 0.86, 0.92], np.float32), np.array([0.35, 0.55, 0.85], np.float32)
+
+
+@lru_cache(maxsize=8)
+def camera_rays(size):
+    """Per-pixel ray directions in the camera frame, scaled so that z = 1: (3, size*size).
+
+    With z = 1 the ray parameter t of a hit *is* its metric depth (camera z), no division needed.
+    float32 throughout the renderer: twice as fast as float64 on these small arrays.
+    """
+    c = ((np.arange(size) + 0.5) / size - 0.5) / FOCAL        # pixel centres, v grows downwards
+    u, v = np.meshgrid(c, c)                                   # (S, S) each
+    return np.stack([u.ravel(), -v.ravel(), np.ones(size * size)]).astype(np.float32)
+
+
+def world_rays(size, pitch):
+    """Tilt the camera rays down by `pitch` (radians) into world axes (x right, y up, z ahead)."""
+    d = camera_rays(size)
+    cp, sp = math.cos(pitch), math.sin(pitch)
+    return np.stack([d[0], d[1] * cp - d[2] * sp, d[1] * sp + d[2] * cp])   # (3, N)
+
+
+def project(point, height, pitch):
+    """World point -> (x, y) in 0..1 image coordinates and its depth (camera z)."""
+    x, y, z = point
+    cp, sp = math.cos(pitch), math.sin(pitch)
+    yc = (y - height) * cp + z * sp                            # camera-frame up
+    zc = -(y - height) * sp + z * cp                           # camera-frame forward = depth
+    return 0.5 + FOCAL * x / zc, 0.5 - FOCAL * yc / zc, zc
+
+
+# Ray-primitive intersections. Every object stands on the floor (y = 0) around its vertical axis.
+# hit_*(ob, o, d) take ray origins o and directions d, (3, N) or (3, 1) (broadcast), and return
+# the nearest t > 0 (N,), inf on a miss. Directions are not unit length, so quadratics keep `a`.
+
+def _roots(a, b, c):
+    """Both roots of a t^2 + 2 b t + c = 0 (nan where there are none)."""
+    disc = np.sqrt(b * b - a * c)
+    return (-b - disc) / a, (-b + disc) / a
+
+
+def hit_sphere(ob, o, d):
+    oc = o - np.array(ob["center"], np.float32)[:, None]
+    t, _ = _roots((d * d).sum(0), (oc * d).sum(0), (oc * oc).sum(0) - ob["a"] ** 2)
+    return np.where(t > 1e-4, t, np.inf)                       # the camera is never inside
+
+
+def _yaw(v, angle):
+    """Rotate vectors (3, N) about the vertical axis; by a cube's yaw, into its axis-aligned frame."""
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, 0, -s], [0, 1, 0], [s, 0, c]], np.float32) @ v
+
+
+def hit_cube(ob, o, d):
+    o, d = _yaw(o - np.array(ob["center"], np.float32)[:, None], ob["yaw"]), _yaw(d, ob["yaw"])
+    t1, t2 = (-ob["a"] - o) / d, (ob["a"] - o) / d            # slab test: (3, N) per-axis crossings
+    near, far = np.minimum(t1, t2).max(0), np.maximum(t1, t2).min(0)
+    return np.where((near <= far) & (near > 1e-4), near, np.inf)
+
+
+def hit_cylinder(ob, o, d):
+    ox, oy, oz = o[0] - ob["center"][0], o[1], o[2] - ob["center"][2]
+    t, _ = _roots(d[0] ** 2 + d[2] ** 2, ox * d[0] + oz * d[2], ox ** 2 + oz ** 2 - ob["a"] ** 2)
+    y = oy + t * d[1]
+    side = np.where((t > 1e-4) & (y >= 0) & (y <= ob["h"]), t, np.inf)
+    tc = (ob["h"] - oy) / d[1]                                 # the top cap (the bottom is on the floor)
+    inside = (ox + tc * d[0]) ** 2 + (oz + tc * d[2]) ** 2 <= ob["a"] ** 2
+    return np.minimum(side, np.where(inside & (tc > 1e-4), tc, np.inf))
+
+
+def hit_cone(ob, o, d):
+    # x^2 + z^2 = k^2 (h - y)^2 with k = radius / height; roots above the apex belong to the
+    # mirrored upper cone and are discarded by the 0 <= y <= h test.
+    k2 = (ob["a"] / ob["h"]) ** 2
+    ox, oy, oz = o[0] - ob["center"][0], ob["h"] - o[1], o[2] - ob["center"][2]   # oy: below apex
+    a = d[0] ** 2 + d[2] ** 2 - k2 * d[1] ** 2
+    b = ox * d[0] + oz * d[2] + k2 * oy * d[1]
+    best = np.full(d.shape[1], np.inf, np.float32)
+    for t in _roots(a, b, ox ** 2 + oz ** 2 - k2 * oy ** 2):
+        y = o[1] + t * d[1]
+        best = np.minimum(best, np.where((t > 1e-4) & (y >= 0) & (y <= ob["h"]), t, np.inf))
+    return best
+
+
+HIT = {"cube": hit_cube, "sphere": hit_sphere, "cylinder": hit_cylinder, "cone": hit_cone}
+
+
+def normals(ob, p):
+    """Outward unit normals at surface points p (3, N) of `ob`, for shading."""
+    q = p - np.array(ob["center"], np.float32)[:, None]
+    if ob["shape"] == "cube":
+        ql = _yaw(q, ob["yaw"])
+        face = np.abs(ql).argmax(0)                            # the face hit is the dominant axis
+        n = np.zeros_like(ql)
+        n[face, np.arange(len(face))] = np.sign(ql[face, np.arange(len(face))])
+        n = _yaw(n, -ob["yaw"])                                # back to world axes
+    elif ob["shape"] == "cylinder":
+        cap = p[1] > ob["h"] - 1e-3
+        n = np.stack([np.where(cap, 0, q[0]), cap.astype(np.float32), np.where(cap, 0, q[2])])
+    elif ob["shape"] == "cone":                                # gradient of the implicit surface
+        n = np.stack([q[0], (ob["a"] / ob["h"]) ** 2 * (ob["h"] - p[1]), q[2]])
+    else:
+        n = q
+    return n / np.linalg.norm(n, axis=0).clip(1e-6)
+
+
+# -----------------------------------------------------------------------------
+# The toy world: layout, caption, rendering
+
+def make_object(shape, color, size, x, z, yaw):
+    """Geometry of one object standing on the floor at (x, z)."""
+    r = RADIUS[size]
+    a, h = {"cube": (0.75 * r, 1.5 * r), "sphere": (r, 2 * r),      # a: half-width or radius
+            "cylinder": (0.8 * r, 1.7 * r), "cone": (r, 2 * r)}[shape]
+    return {"name": f"{color} {shape}", "shape": shape, "color": color, "size": size,
+            "a": a, "h": h, "yaw": yaw, "center": [x, h / 2, z],
+            "bound": {"cube": a * math.sqrt(3), "sphere": a}.get(shape, math.hypot(a, h / 2)),
+            "foot": a * math.sqrt(2) if shape == "cube" else a}   # radii: bounding sphere, footprint
+
+
+def _lens(r1, r2, d):
+    """Area of the intersection of two discs with radii r1, r2 whose centres are d apart."""
+    if d >= r1 + r2:
+        return 0.0
+    if d <= abs(r1 - r2):
+        return math.pi * min(r1, r2) ** 2
+    c1 = math.acos((d * d + r1 * r1 - r2 * r2) / (2 * d * r1))
+    c2 = math.acos((d * d + r2 * r2 - r1 * r1) / (2 * d * r2))
+    return r1 * r1 * c1 + r2 * r2 * c2 - 0.5 * math.sqrt(
+        (-d + r1 + r2) * (d + r1 - r2) * (d - r1 + r2) * (d + r1 + r2))
+
+
+def sample_layout(rng, height, pitch):
+    """1-4 objects with distinct names, all inside the frame, none hidden behind the others.
+
+    Placement is checked on the projected bounding discs, not on pixels, so a (seed, index) gives
+    the same scene at every resolution. A candidate that collides in 3-D, leaves the frame or would
+    hide more than MAX_HIDDEN of a farther disc is redrawn (at most 30 times, then left out).
+    Distinct names keep every entity name, and every relation in the caption, unambiguous.
+    """
+    objs, discs = [], []                                       # discs: (x, y, radius, depth), 0..1 units
+    for _ in range(rng.integers(1, 5)):
+        for _ in range(30):
+            u = rng.random(6).tolist()                         # one call: each rng call costs ~us
+            ob = make_object(SHAPES[int(4 * u[0])], COLORS[int(8 * u[1])], SIZES[int(2 * u[2])],
+                             0.0, 2.8 + 5.2 * u[3], math.pi / 2 * u[4])
+            zc = project(ob["center"], height, pitch)[2]
+            ob["center"][0] = (0.08 + 0.84 * u[5] - 0.5) * zc / FOCAL   # screen x -> world x there
+            x, y, zc = project(ob["center"], height, pitch)
+            rad = FOCAL * ob["bound"] / zc
+            if (ob["name"] in [o["name"] for o in objs] or not rad < x < 1 - rad
+                    or not rad < y < 1 - rad or any(
+                        math.dist(ob["center"][::2], o["center"][::2]) < ob["foot"] + o["foot"] + 0.1
+                        for o in objs)):
+                continue
+            cand = discs + [(x, y, rad, zc)]
+            hidden = [sum(_lens(ri, rj, math.hypot(xi - xj, yi - yj)) / (math.pi * ri * ri)
+                          for xj, yj, rj, zj in cand if zj < zi)         # nearer discs cover farther
+                      for xi, yi, ri, zi in cand]
+            if max(hidden) <= MAX_HIDDEN:
+                objs.append(ob)
+                discs.append(cand[-1])
+                break
+    return objs, discs
+
+
+def _a(phrase):
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def make_caption(rng, objs, discs, floor):
+    """A caption that names every object (sometimes with its size) and up to two relations.
+
+    Relations come from the 3-D layout: behind / in front of from the depths, left / right of
+    from the projected centres, and only where the difference is clear enough to be unambiguous.
+    """
+    listed = [_a(f"{o['size']} {o['name']}" if rng.random() < 0.5 else o["name"]) for o in objs]
+    listed = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
+    n = len(objs)
+    count = ("One object", "Two objects", "Three objects", "Four objects")[n - 1]
+    text = [f"{listed[0].upper()}{listed[1:]} on a {floor} floor.",
+            f"A rendered scene with {listed}.",
+            f"There {'is' if n == 1 else 'are'} {listed} on the {floor} floor.",
+            f"{count} on a {floor} floor: {listed}.",
+            f"A photo of {listed}."][rng.integers(5)]
+    relations = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            (xi, _, _, zi), (xj, _, _, zj) = discs[i], discs[j]
+            if abs(zi - zj) > 1.5:                             # world units of depth
+                relations.append((i, "behind" if zi > zj else "in front of", j))
+            elif abs(xi - xj) > 0.15:                          # fractions of the image width
+                relations.append((i, "left of" if xi < xj else "right of", j))
+    for k in rng.permutation(len(relations))[:2]:
+        i, rel, j = relations[k]
+        a, b = objs[i]["name"], objs[j]["name"]
+        text += [f" The {a} is {rel} the {b}.", f" The {a} stands {rel} the {b}.",
+                 f" {_a(a).capitalize()} is {rel} {_a(b)}."][rng.integers(3)]
+    return text
+
+
+def render_scene(seed, index, size=64):
+    """Render scene `index` of the toy world with seed `seed` at size x size pixels.
+
+    Returns {"image": uint8 (S, S, 3), "depth": float32 (S, S) metric camera z, sky = inf,
+    "seg": uint8 (S, S) 0 = sky, 1 = floor, 2 + i = object i, "objects": [{"name", "shape",
+    "color", "size", "box" (of the visible mask, 0..1), "visible" (fraction not occluded),
+    "area" (fraction of the image), "center" (world xyz)}], "caption", "count", "camera"}.
+    """
+    rng = np.random.default_rng([seed, index])
+    height, pitch = rng.uniform(1.4, 1.9), math.radians(rng.uniform(12, 22))
+    light = np.array([rng.uniform(-1, 1), rng.uniform(1.2, 2.2), rng.uniform(-1, 0.3)], np.float32)
+    light /= np.linalg.norm(light)
+    floor = list(FLOORS)[rng.integers(len(FLOORS))]
+    cell, angle, shift = rng.uniform(0.5, 1.0), rng.uniform(0, math.pi / 2), rng.uniform(0, 2, 2)
+    objs, discs = sample_layout(rng, height, pitch)
+    caption = make_caption(rng, objs, discs, floor)
+
+    # Primary rays against the floor, then each object; the nearest hit so far wins. An object is
+    # only traced inside a box around its projected disc (1.3x: perspective stretches off-axis discs).
+    o = np.array([[0], [height], [0]], np.float32)            # the camera, `height` above the origin
+    d = world_rays(size, pitch)                                # (3, N), N = S * S
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        depth = np.where(d[1] < 0, -height / d[1], np.inf).reshape(size, size)
+        seg = np.isfinite(depth).astype(np.uint8)             # 0 = sky, 1 = floor
+        unoccluded = []                                        # pixels of each object seen on its own
+        for i, (ob, (x, y, rad, _)) in enumerate(zip(objs, discs)):
+            x0, x1 = (min(max(int((x + s * 1.3 * rad) * size + s), 0), size) for s in (-1, 1))
+            y0, y1 = (min(max(int((y + s * 1.3 * rad) * size + s), 0), size) for s in (-1, 1))
+            t = HIT[ob["shape"]](ob, o, d.reshape(3, size, size)[:, y0:y1, x0:x1].reshape(3, -1))
+            t = t.reshape(y1 - y0, x1 - x0)
+            nearer = t < depth[y0:y1, x0:x1]
+            depth[y0:y1, x0:x1][nearer] = t[nearer]
+            seg[y0:y1, x0:x1][nearer] = 2 + i
+            unoccluded.append(np.isfinite(t).sum())
+        depth, seg = depth.ravel(), seg.ravel()                # (N,)
+        p = o + d * np.where(np.isinf(depth), 0, depth)        # hit points, (3, N)
+        dist = np.sqrt((d * d).sum(0))
+
+        # The camera does not roll, so the horizon is a row: pixels before index k see sky (or
+        # objects), pixels from k on see floor (or objects). Objects are painted over both below.
+        k = int(np.argmax(d[1] < 0))
+        rgb = np.empty((size * size, 3), np.float32)
+        rgb[:k] = HORIZON + np.sqrt(np.clip(d[1, :k] / dist[:k] * 3, 0, 1))[:, None] * (ZENITH - HORIZON)
+
+        # Floor: a rotated checkerboard whose contrast fades where a pixel spans a whole cell
+        # (cheap anti-aliasing), lit by `light` and darkened where an object blocks it.
+        pf, floor_px = p[:, k:], seg[k:] == 1
+        ca, sa = math.cos(angle) / cell, math.sin(angle) / cell
+        check = np.floor(ca * pf[0] + sa * pf[2] + shift[0]) + np.floor(ca * pf[2] - sa * pf[0] + shift[1])
+        contrast = np.clip(1 - depth[k:] * dist[k:] / (-d[1, k:] * FOCAL * size * cell), 0, 1) ** 2
+        tone0, tone1 = (np.array(c, np.float32) for c in FLOORS[floor])
+        albedo = (tone0 + tone1) / 2 + ((check % 2 - 0.5) * contrast)[:, None] * (tone1 - tone0)
+        lit = np.ones_like(check)
+        for ob in objs:
+            # A floor point P is in shadow if P + s * light hits the object. At the height of the
+            # centre that ray is within bound / light_y of it: a cheap test before the exact one.
+            up = ob["center"][1] / light[1]
+            qx, qz = pf[0] + up * light[0] - ob["center"][0], pf[2] + up * light[2] - ob["center"][2]
+            near = np.flatnonzero(floor_px & (qx * qx + qz * qz <= (ob["bound"] / light[1]) ** 2))
+            hit = HIT[ob["shape"]](ob, pf[:, near], light[:, None])       # one direction for all
+            lit[near[np.isfinite(hit)]] = 0
+        rgb[k:] = albedo * (0.45 + 0.55 * light[1] * lit)[:, None]
+
+        # Objects: Lambert + ambient, and a small Blinn-Phong highlight for a sense of material.
+        for i, ob in enumerate(objs):
+            px = np.flatnonzero(seg == i + 2)
+            n = normals(ob, p[:, px])
+            half = light[:, None] - d[:, px] / dist[px]
+            spec = np.clip((n * half).sum(0) / np.sqrt((half * half).sum(0)), 0, 1) ** 24
+            diffuse = 0.35 + 0.65 * np.clip(light @ n, 0, 1)
+            rgb[px] = RGB[COLORS.index(ob["color"])] * diffuse[:, None] + 0.3 * spec[:, None]
+
+        # Aerial perspective: far things fade towards the horizon (a depth cue; it also hides aliasing).
+        rgb += (1 - np.exp(np.where(np.isinf(depth), 0, depth) / -30))[:, None] * (HORIZON - rgb)
+
+    image = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(size, size, 3)
+    seg = seg.reshape(size, size)
+    objects = []
+    for i, (ob, (x, y, rad, _)) in enumerate(zip(objs, discs)):
+        m = seg == i + 2
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        if len(rows):
+            box = (cols[0] / size, rows[0] / size, (cols[-1] + 1) / size, (rows[-1] + 1) / size)
+        else:                                                  # below one pixel (tiny images): its disc
+            box = (max(x - rad, 0), max(y - rad, 0), min(x + rad, 1), min(y + rad, 1))
+        objects.append({k: ob[k] for k in ("name", "shape", "color", "size")} | {
+            "box": [round(float(b), 6) for b in box],
+            "visible": round(float(m.sum() / max(unoccluded[i], 1)), 4),
+            "area": round(float(m.mean()), 6), "center": [round(c, 4) for c in ob["center"]]})
+    return {"image": image, "depth": depth.reshape(size, size), "seg": seg, "objects": objects,
+            "caption": caption, "count": len(objects),
+            "camera": {"height": height, "pitch": pitch, "fov": FOV}}
+
+
+# -----------------------------------------------------------------------------
+# Shards: webdataset-layout tars, grouped by key, read without extracting to disk
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+VAL_OFFSET = 10 ** 9            # validation scenes use indices from here on: disjoint from any train set
+
+
+class BadSample(Exception):
+    """A sample that cannot be used (corrupt image, missing caption, unreadable label, ...)."""
+
+
+def _png(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_depth_png(inv, valid=None):
+    """Relative inverse depth (h, w) -> 16-bit PNG bytes: 0 = no label, 1..65535 = far..near.
+
+    The valid pixels' min..max is stretched over 1..65535, which keeps relative inverse depth
+    (all the experts give) and stores it at ~1.5e-5 resolution in a compact lossless image.
+    """
+    inv = np.asarray(inv, np.float64)
+    valid = np.isfinite(inv) if valid is None else np.asarray(valid, bool) & np.isfinite(inv)
+    q = np.zeros(inv.shape, np.uint16)
+    if valid.any():
+        lo, hi = inv[valid].min(), inv[valid].max()
+        q[valid] = np.round(1 + (inv[valid] - lo) / max(hi - lo, 1e-12) * 65534)
+    return _png(q)                                             # PIL writes uint16 as mode "I;16"
+
+
+def decode_depth_png(b):
+    """16-bit depth PNG bytes -> (inverse depth float32 (h, w) in 0..1, valid bool (h, w))."""
+    q = np.asarray(Image.open(io.BytesIO(b)), np.float32)
+    if q.ndim != 2:
+        raise ValueError(f"depth PNG must have one channel, not shape {q.shape}")
+    valid = q > 0
+    return np.where(valid, (q - 1) / 65534, 0).astype(np.float32), valid
+
+
+def _split_name(name):
+    """"dir/000000123.depth.png" -> ("dir/000000123", "depth.png"): the key ends at the first dot."""
+    head, base = os.path.split(name)
+    if "." not in base or base.startswith("."):
+        return None, None
+    stem, ext = base.split(".", 1)
+    return os.path.join(head, stem), ext.lower()
+
+
+def iter_tar(path):
+    """Yield (key, {ext: bytes}) for each sample of a shard, in order, in one streaming pass."""
+    with tarfile.open(path, "r|*") as tar:                     # "r|": sequential, no seeking
+        key, members = None, {}
+        for info in tar:
+            k, ext = _split_name(info.name)
+            if not info.isfile() or k is None:
+                continue
+            if k != key and members:                           # webdataset: a key's members are adjacent
+                yield key, members
+                members = {}
+            key = k
+            members[ext] = tar.extractfile(info).read()
+        if members:
+            yield key, members
+
+
+def write_shard(path, samples):
+    """Write (key, {ext: bytes}) samples to a tar at `path` atomically; returns how many.
+
+    The tar is written to a temporary name and renamed, so a reader never sees half a shard, and
+    with mtime 0 the same samples always give the same bytes.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    n = 0
+    try:
+        with tarfile.open(tmp, "w") as tar:
+            for key, members in samples:
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n
+
+
+def expand_shards(shards):
+    """A glob string or a list of paths -> sorted list of shard paths (error if none)."""
+    paths = sorted(glob.glob(shards)) if isinstance(shards, str) else list(shards)
+    if not paths:
+        raise FileNotFoundError(f"no shards match {shards!r}")
+    return paths
+
+
+def count_samples(shards):
+    """Number of samples (distinct keys) in the shards, from the tar headers alone."""
+    total = 0
+    for path in expand_shards(shards):
+        with tarfile.open(path) as tar:                        # random access: seeks over the data
+            total += len({_split_name(m.name)[0] for m in tar if m.isfile()} - {None})
+    return total
+
+
+def scene_members(scene, seed, index):
+    """A rendered toy scene -> its shard members (image, caption, probe labels and the truth)."""
+    labels = [{k: o[k] for k in ("name", "shape", "color", "size")} for o in scene["objects"]]
+    depth = io.BytesIO()
+    np.save(depth, scene["depth"])
+    return {"png": _png(scene["image"]), "txt": scene["caption"].encode(),
+            "json": json.dumps({"count": scene["count"], "objects": labels, "seed": seed,
+                                "index": index}).encode(),
+            "gt_depth.npy": depth.getvalue(),
+            "gt.json": json.dumps({"count": scene["count"], "objects": scene["objects"],
+                                   "camera": scene["camera"]}).encode(),
+            "gt_seg.png": _png(scene["seg"])}
+
+
+def _check_ground(g):
+    """Validate a ground.json payload: {"entities": [{"name", "box" in 0..1, "score"}], ...}."""
+    if not isinstance(g, dict) or not isinstance(g.get("entities"), list):
+        raise ValueError("expected {'entities': [...]}")
+    for e in g["entities"]:
+        box = e.get("box") if isinstance(e, dict) else None
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"].strip()
+                and isinstance(e.get("score", 0.0), (int, float)) and isinstance(box, list)
+                and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise ValueError(f"malformed entity {e!r}")
+        x0, y0, x1, y1 = box
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"box {box} of {e['name']!r} is not inside 0..1")
+    return g
+
+
+def _decode_image(b):
+    with Image.open(io.BytesIO(b)) as im:
+        return np.array(im.convert("RGB"))                     # convert() loads: truncation raises here
+
+
+DECODERS = {                                                   # member -> (output name, decoder)
+    "json": ("meta", json.loads),
+    "depth.png": ("depth", decode_depth_png),
+    "ground.json": ("ground", lambda b: _check_ground(json.loads(b))),
+    "gt_depth.npy": ("gt_depth", lambda b: np.load(io.BytesIO(b), allow_pickle=False)),
+    "gt.json": ("gt", json.loads),
+    "gt_seg.png": ("gt_seg", lambda b: np.asarray(Image.open(io.BytesIO(b)))),
+}
+
+
+def _decode(members, ext, decode):
+    try:
+        return decode(members[ext])
+    except Exception as e:                                     # whatever PIL, json, numpy or utf-8 raise
+        raise BadSample(f"unreadable {ext} ({type(e).__name__}: {e})") from None
+
+
+def decode_sample(key, members):
+    """Raw members -> {"key", "image" uint8 (H, W, 3), "caption", "meta", and any labels present}.
+
+    Raises BadSample naming the member at fault, so one bad file costs one sample, not a run.
+    """
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None:
+        raise BadSample("no image member")
+    if "txt" not in members:
+        raise BadSample("missing caption (.txt)")
+    out = {"key": key, "image": _decode(members, ext, _decode_image), "meta": {},
+           "caption": _decode(members, "txt", lambda b: b.decode("utf-8").strip())}
+    if not out["caption"]:
+        raise BadSample("empty caption")
+    for member, (name, decode) in DECODERS.items():
+        if member in members:
+            out[name] = _decode(members, member, decode)
+    if "depth" in out:
+        out["depth"], out["depth_valid"] = out["depth"]
+        if any(d > i for d, i in zip(out["depth"].shape, out["image"].shape)):
+            raise BadSample(f"depth.png {out['depth'].shape} is larger than the image")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Streaming reader: split over ranks and workers, shuffle buffer, exact resume
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Stream decoded (and optionally transformed and batched) samples from tar shards.
+
+    The stream is split over (rank, dataloader worker) pairs: by whole shards when there are at
+    least as many shards as pairs, else by sample index, so every sample is seen exactly once per
+    epoch. Use with DataLoader(ds, batch_size=None, num_workers=W): batching happens here, so
+    augmentation and collation run in the workers.
+
+    Exact resume: the DataLoader takes batch i from worker i % W. With skip_batches=k, worker j
+    of the new loader plays the part of worker (j + k) % W of the old one and skips the raw
+    samples of its share of the first k batches without decoding them. Each sample's transform
+    rng is seeded by (seed, epoch, stream position), so skipped-then-resumed equals uninterrupted.
+    (Bad samples are only found by decoding: one inside the skipped span shifts the resumed
+    stream by one sample.)
+    """
+
+    def __init__(self, shards, *, transform=None, batch_size=None, collate=None, shuffle_buffer=0,
+                 seed=0, repeat=False, skip_batches=0, require=(), rank=None, world=None):
+        super().__init__()
+        self.shards = expand_shards(shards)
+        if (batch_size is None) != (collate is None):
+            raise ValueError("batch_size and collate go together")
+        self.transform, self.batch_size, self.collate = transform, batch_size, collate
+        self.shuffle_buffer, self.seed, self.repeat = shuffle_buffer, seed, repeat
+        self.skip_batches, self.require = skip_batches, tuple(require)
+        self.rank, self.world = rank, world                    # None: from torch.distributed, or 0 of 1
+        self.bad = 0                                           # per process: each worker counts its own
+
+    def _split(self):
+        """(this stream's index, number of streams, worker, workers) for this rank and worker."""
+        if self.rank is not None:                              # given by hand (tests, other launchers)
+            rank, world = self.rank, self.world
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world = 0, 1
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (worker + self.skip_batches) % workers        # resumed loaders continue the round-robin
+        return rank * workers + worker, world * workers, worker, workers
+
+    def _raw(self, epoch, split, n_splits):
+        """This stream's (shard, key, members) for one epoch, before shuffling."""
+        shards = self.shards
+        if self.shuffle_buffer:                                # same order on every rank and worker
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(shards))
+            shards = [shards[i] for i in order]
+        mine = shards[split::n_splits] if len(shards) >= n_splits else shards
+        index = 0
+        for path in mine:
+            try:
+                for key, members in iter_tar(path):
+                    if len(shards) >= n_splits or index % n_splits == split:
+                        yield path, key, members
+                    index += 1
+            except (tarfile.TarError, OSError, EOFError) as e:  # a truncated or corrupt tar
+                self._warn(f"{path}: unreadable shard, the rest of it is skipped ({e})")
+
+    def _shuffle(self, items, rng):
+        """Shuffle with a buffer: draw a random element, refill its slot with the next item."""
+        buf = []
+        for item in items:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(item)
+                continue
+            j = rng.integers(len(buf))
+            yield buf[j]
+            buf[j] = item
+        rng.shuffle(buf)
+        yield from buf
+
+    def _warn(self, message):
+        self.bad += 1
+        print(f"data: skipped {message}", file=sys.stderr)
+
+    def __iter__(self):
+        split, n_splits, worker, workers = self._split()
+        k = self.skip_batches
+        skip = (self.batch_size or 1) * (k // workers + (worker < k % workers))  # raw samples to skip
+        batch, epoch = [], 0
+        while True:
+            items = self._raw(epoch, split, n_splits)
+            if self.shuffle_buffer:
+                items = self._shuffle(items, np.random.default_rng([self.seed, epoch, split]))
+            used = 0                                           # samples skipped for resume or decoded
+            for position, (path, key, members) in enumerate(items):
+                if skip:
+                    skip, used = skip - 1, used + 1
+                    continue
+                try:
+                    missing = [m for m in self.require if m not in members]
+                    if missing:
+                        raise BadSample(f"missing {', '.join(missing)}")
+                    sample = decode_sample(key, members)
+                except BadSample as e:
+                    self._warn(f"sample {key} in {path}: {e}")
+                    continue
+                used += 1
+                if self.transform is not None:           # position counts every sample of the stream
+                    rng = np.random.default_rng([self.seed, epoch, position * n_splits + split])
+                    sample = self.transform(sample, rng)
+                if self.batch_size is None:
+                    yield sample
+                    continue
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield self.collate(batch)
+                    batch = []
+            epoch += 1
+            if not self.repeat:
+                break
+            if not used:                                       # repeating would spin forever
+                raise RuntimeError(f"stream {split} of {n_splits} has no usable samples in "
+                                   f"{len(self.shards)} shard(s); use fewer dataloader workers")
+        if batch:
+            yield self.collate(batch)
+
+
+# -----------------------------------------------------------------------------
+# Views: label-consistent crops and flips, colour jitter, multi-crop, iBOT masks
+
+@dataclass
+class AugConfig:
+    """How make_views draws its views (DINO-style multi-crop; crops and flips move the labels too)."""
+    size: int = 64                          # global views (the model's input size)
+    local_size: int = 32                    # DINO local crops
+    n_local: int = 4
+    global_scale: tuple = (0.35, 1.0)       # crop area range, as a fraction of the image (DINO)
+    local_scale: tuple = (0.1, 0.35)
+    flip: float = 0.5                       # probability of a horizontal flip
+    jitter: float = 0.4                     # brightness/contrast/saturation factors in 1 +- jitter
+    min_visible: float = 0.3                # a box survives a crop if this much of its area does
+    mask_ratio: tuple = (0.1, 0.5)          # iBOT: fraction of view 1's patches masked
+    patch_size: int = 8
+
+
+def random_crop(rng, height, width, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's parameters (top, left, h, w) in pixels, drawn from a numpy rng."""
+    for _ in range(10):
+        area = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1)), h, w
+    return 0, 0, height, width                                 # rare fallback: the whole image
+
+
+def _crop_map(m, region, flip, size):
+    """Crop a label map m (h, w) to `region` (x0, y0, x1, y1 in 0..1), resampled to size x size.
+
+    Nearest neighbour, so a label is never blended with an invalid neighbour; relative
+    coordinates, so a depth map smaller than the image still lines up with it.
+    """
+    x0, y0, x1, y1 = region
+    centres = (np.arange(size) + 0.5) / size                   # output pixel centres in 0..1
+    cols = ((x0 + centres * (x1 - x0)) * m.shape[1]).astype(int).clip(0, m.shape[1] - 1)
+    rows = ((y0 + centres * (y1 - y0)) * m.shape[0]).astype(int).clip(0, m.shape[0] - 1)
+    out = m[rows[:, None], cols[None, :]]
+    return np.ascontiguousarray(out[:, ::-1] if flip else out)
+
+
+def _box_area(b):
+    return (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+
+
+def crop_and_flip(sample, crop, flip, size, min_visible=0.3):
+    """The geometric part of a view: crop (top, left, h, w) in image pixels, resize, maybe flip.
+
+    Returns {"image": uint8 (3, size, size)} plus, for the labels the sample carries,
+    "depth" float32 (size, size) and "depth_valid" bool (size, size) cropped from the same region,
+    "boxes" float32 (M, 4) in view coordinates and "names": boxes are clipped to the crop and
+    dropped if less than `min_visible` of their area survives.
+    """
+    top, left, h, w = crop
+    height, width = sample["image"].shape[:2]
+    region = (left / width, top / height, (left + w) / width, (top + h) / height)
+    image = torch.from_numpy(sample["image"]).permute(2, 0, 1)  # (3, H, W) uint8
+    image = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    out = {"image": image.flip(-1) if flip else image}
+    if "depth" in sample:
+        out["depth"] = torch.from_numpy(_crop_map(sample["depth"], region, flip, size))
+        out["depth_valid"] = torch.from_numpy(_crop_map(sample["depth_valid"], region, flip, size))
+    if "ground" in sample:
+        entities = sample["ground"]["entities"]
+        boxes = np.array([e["box"] for e in entities], np.float64).reshape(-1, 4)
+        scale = np.array([region[2] - region[0], region[3] - region[1]] * 2)
+        moved = (boxes - np.array(region[:2] * 2)) / scale      # (M, 4) in crop coordinates
+        clipped = moved.clip(0, 1)
+        keep = _box_area(clipped) >= min_visible * _box_area(moved)
+        clipped = clipped[keep]
+        if flip:                                               # x -> 1 - x swaps left and right edges
+            clipped = np.stack([1 - clipped[:, 2], clipped[:, 1], 1 - clipped[:, 0], clipped[:, 3]], 1)
+        out["boxes"] = torch.tensor(clipped, dtype=torch.float32).reshape(-1, 4)
+        out["names"] = [e["name"] for e, k in zip(entities, keep) if k]
+    return out
+
+
+def _photometric(image, rng, jitter):
+    """uint8 (3, S, S) -> float (3, S, S) with brightness/contrast/saturation jitter, normalised
+    with SigLIP's mean = std = 0.5. Photometric only: labels are unaffected."""
+    x = image.float() / 255
+    if jitter:
+        b, c, s = rng.uniform(1 - jitter, 1 + jitter, 3)
+        x = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s)
+    return (x - 0.5) / 0.5
+
+
+def block_mask(rng, grid, ratio):
+    """iBOT's block-wise mask (from BEiT) on a grid x grid patch grid: (grid * grid,) bool.
+
+    Random rectangles of patches (area >= 4 where possible, aspect 0.3..3.3) are added, each
+    only if it does not overshoot, until the drawn fraction of the patches is masked.
+    """
+    target = round(rng.uniform(*ratio) * grid * grid)
+    mask = np.zeros((grid, grid), bool)
+    for _ in range(20 * grid * grid):                          # bounded; nearly always ends far sooner
+        left = target - int(mask.sum())
+        if left <= 0:
+            break
+        area = rng.uniform(min(4, left), left)
+        aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        h = min(grid, max(1, round(math.sqrt(area * aspect))))
+        w = min(grid, max(1, round(math.sqrt(area / aspect))))
+        top, lft = rng.integers(grid - h + 1), rng.integers(grid - w + 1)
+        if 0 < (~mask[top:top + h, lft:lft + w]).sum() <= left:
+            mask[top:top + h, lft:lft + w] = True
+    return torch.from_numpy(mask.ravel())
+
+
+def make_views(sample, rng, aug, tasks):
+    """One decoded sample -> the tensors the enabled tasks train on (see the keys below).
+
+    Global view 0 carries every label (depth, boxes); with "ssl" a second global view (masked for
+    iBOT) and `n_local` small local crops are added, as in DINO's multi-crop.
+    """
+    tasks = set(tasks)
+    for task, label, member in (("depth", "depth", "depth.png"), ("ground", "ground", "ground.json")):
+        if task in tasks and label not in sample:
+            raise ValueError(f"sample {sample['key']} has no {member}, which task {task!r} needs; "
+                             "run pseudolabel.py on the shards first")
+    height, width = sample["image"].shape[:2]
+    labelled = {"image": sample["image"]}                      # view 0 carries the enabled tasks' labels
+    if "depth" in tasks:
+        labelled |= {"depth": sample["depth"], "depth_valid": sample["depth_valid"]}
+    if "ground" in tasks:
+        labelled["ground"] = sample["ground"]
+
+    def view(scale, size, source=None):
+        crop, flip = random_crop(rng, height, width, scale), rng.random() < aug.flip
+        geo = crop_and_flip(source or {"image": sample["image"]}, crop, flip, size, aug.min_visible)
+        return _photometric(geo.pop("image"), rng, aug.jitter), geo
+
+    first, geo = view(aug.global_scale, aug.size, labelled)
+    out = {"caption": sample["caption"], **geo}
+    if "ssl" in tasks:
+        out["global"] = torch.stack([first, view(aug.global_scale, aug.size)[0]])    # (2, 3, S, S)
+        out["local"] = torch.stack([view(aug.local_scale, aug.local_size)[0]
+                                    for _ in range(aug.n_local)])                   # (n_local, 3, s, s)
+        out["ibot_mask"] = block_mask(rng, aug.size // aug.patch_size, aug.mask_ratio)  # (N,)
+    else:
+        out["global"] = first[None]                            # (1, 3, S, S)
+    return out
+
+
+def collate(samples, tokenize):
+    """make_views outputs -> a batch dict. Views are stacked view-major ((G * B, ...): every sample's
+    view 0, then every view 1), the layout DINO's loss expects. Boxes are padded to the batch's
+    largest count; their names are tokenized in row-major order with a crc32 id each, so that equal
+    names are recognised as one class across the batch and across ranks."""
+    batch = {}
+    for key in ("global", "local"):
+        if key in samples[0]:
+            views = torch.stack([s[key] for s in samples], 1)  # (G, B, 3, S, S)
+            batch[key] = views.flatten(0, 1)                   # (G * B, 3, S, S)
+    for key in ("ibot_mask", "depth", "depth_valid"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
+    batch["text"] = tokenize([s["caption"] for s in samples])  # (B, T)
+    if "boxes" in samples[0]:
+        m = max(len(s["boxes"]) for s in samples)
+        batch["boxes"] = torch.zeros(len(samples), m, 4)       # (B, M, 4)
+        batch["box_valid"] = torch.zeros(len(samples), m, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            batch["boxes"][i, :len(s["boxes"])] = s["boxes"]
+            batch["box_valid"][i, :len(s["boxes"])] = True
+        names = [n for s in samples for n in s["names"]]
+        batch["name_tokens"] = tokenize(names) if names else tokenize([""])[:0]   # (R, T)
+        batch["name_id"] = torch.tensor([zlib.crc32(n.encode()) for n in names], dtype=torch.int64)
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# Command line: write toy-world shards, or preview a shard
+
+def generate(out, n, val_n=0, size=64, seed=0, shard_size=1000):
+    """Render n train and val_n validation scenes into DIR/{train,val}-NNNNNN.tar; returns paths."""
+    from tqdm import tqdm
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    with tqdm(total=n + val_n, desc="rendering", unit="scene") as bar:
+        for split, count, offset in (("train", n, 0), ("val", val_n, VAL_OFFSET)):
+            for shard, start in enumerate(range(0, count, shard_size)):
+                def samples(start=start, offset=offset, count=count):
+                    for i in range(start + offset, min(start + shard_size, count) + offset):
+                        yield f"{i - offset:09d}", scene_members(render_scene(seed, i, size), seed, i)
+                        bar.update()
+                paths.append(os.path.join(out, f"{split}-{shard:06d}.tar"))
+                write_shard(paths[-1], samples())
+    return paths
+
+
+def preview(shard, png, n=8):
+    """A grid of the first n samples: image with boxes and names, depth maps, caption as title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    samples = []
+    for key, members in iter_tar(shard):
+        try:
+            samples.append(decode_sample(key, members))
+        except BadSample as e:
+            print(f"data: skipped sample {key}: {e}", file=sys.stderr)
+        if len(samples) == n:
+            break
+    if not samples:
+        _die(f"{shard} holds no readable samples")
+    panels = [p for p in ("gt_depth", "depth") if any(p in s for s in samples)]
+    cols = min(4, len(samples))
+    rows = math.ceil(len(samples) / cols) * (1 + len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, s in enumerate(samples):
+        r, c = i // cols * (1 + len(panels)), i % cols
+        ax = axes[r, c]
+        ax.imshow(s["image"])
+        ax.set_title("\n".join(textwrap.wrap(s["caption"], 42)), fontsize=7)
+        h, w = s["image"].shape[:2]
+        boxes = [(o["box"], o["name"], "lime", "-") for o in s.get("gt", {}).get("objects", [])]
+        boxes += [(e["box"], e["name"], "orange", "--") for e in s.get("ground", {}).get("entities", [])]
+        for (x0, y0, x1, y1), name, color, style in boxes:
+            ax.add_patch(plt.Rectangle((x0 * w - 0.5, y0 * h - 0.5), (x1 - x0) * w, (y1 - y0) * h,
+                                       fill=False, color=color, ls=style, lw=1))
+            ax.text(x0 * w, y0 * h - 1, name, color=color, fontsize=6, va="bottom")
+        for j, panel in enumerate(panels, 1):
+            if panel not in s:
+                continue
+            inv = 1 / s["gt_depth"] if panel == "gt_depth" else np.where(s["depth_valid"], s["depth"], np.nan)
+            axes[r + j, c].imshow(inv, cmap="magma")           # inverse depth: near is bright, sky is 0
+            axes[r + j, c].set_title(f"{'true' if panel == 'gt_depth' else 'pseudo-label'} inverse depth",
+                                     fontsize=7)
+    fig.suptitle(f"{shard}: green = true boxes, orange dashed = pseudo-labels", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _die(message):
+    print(f"data.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                                  # one clear line, not usage + traceback
+        _die(message)
+
+
+def main(argv=None):
+    p = _Parser(description="Write toy-world shards, or preview a shard.")
+    p.add_argument("--out", help="directory for train-NNNNNN.tar and val-NNNNNN.tar")
+    p.add_argument("--n", type=int, help="number of training scenes")
+    p.add_argument("--val-n", type=int, default=0, help="number of validation scenes (disjoint scenes)")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels")
+    p.add_argument("--seed", type=int, default=0, help="world seed: scene i is render_scene(seed, i)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--preview", metavar="SHARD", help="draw the first samples of this shard ...")
+    p.add_argument("--png", help="... into this PNG file")
+    args = p.parse_args(argv)
+    if args.preview is not None:
+        if not args.png:
+            _die("--preview needs --png FILE to write the picture to")
+        if not os.path.isfile(args.preview):
+            _die(f"--preview {args.preview} is not a file")
+        preview(args.preview, args.png)
+        print(f"wrote {args.png}")
+        return
+    if args.out is None or args.n is None:
+        _die("give --out DIR and --n N to write shards, or --preview SHARD --png FILE")
+    for flag, value, low in (("--n", args.n, 1), ("--val-n", args.val_n, 0), ("--size", args.size, 32),
+                             ("--shard-size", args.shard_size, 1)):
+        if value < low:
+            _die(f"{flag} must be at least {low}, not {value}")
+    paths = generate(args.out, args.n, args.val_n, args.size, args.seed, args.shard_size)
+    for split, count in (("train", args.n), ("val", args.val_n)):
+        mine = [q for q in paths if os.path.basename(q).startswith(split)]
+        if mine:
+            mb = sum(os.path.getsize(q) for q in mine) / 2 ** 20
+            last = f" ... {os.path.basename(mine[-1])}" if len(mine) > 1 else ""
+            print(f"wrote {count} {split} scenes ({args.size} px, seed {args.seed}) to {mine[0]}{last} "
+                  f"({len(mine)} shard(s), {mb:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
