@@ -789,12 +789,16 @@ def make_views(sample, rng, aug, tasks):
     out = {"caption": sample["caption"], **geo}
     if "ssl" in tasks:
         out["global"] = torch.stack([first, view(aug.global_scale, aug.size)[0]])    # (2, 3, S, S)
-        out["local"] = torch.stack([view(aug.local_scale, aug.local_size)[0]
-                                    for _ in range(aug.n_local)])                   # (n_local, 3, s, s)
+        if aug.n_local:
+            out["local"] = torch.stack([view(aug.local_scale, aug.local_size)[0]
+                                        for _ in range(aug.n_local)])               # (n_local, 3, s, s)
         out["ibot_mask"] = block_mask(rng, aug.size // aug.patch_size, aug.mask_ratio)  # (N,)
     else:
         out["global"] = first[None]                            # (1, 3, S, S)
     return out
+
+
+NAME_LENGTH = 32  # token positions for an entity name ("small purple cylinder" is 21 bytes)
 
 
 def collate(samples, tokenize):
@@ -819,7 +823,8 @@ def collate(samples, tokenize):
             batch["boxes"][i, :len(s["boxes"])] = s["boxes"]
             batch["box_valid"][i, :len(s["boxes"])] = True
         names = [n for s in samples for n in s["names"]]
-        batch["name_tokens"] = tokenize(names) if names else tokenize([""])[:0]   # (R, T)
+        # entity names are short: NAME_LENGTH positions instead of the caption context (cheaper)
+        batch["name_tokens"] = tokenize(names or [""], length=NAME_LENGTH)[: len(names)]  # (R, T')
         batch["name_id"] = torch.tensor([zlib.crc32(n.encode()) for n in names], dtype=torch.int64)
     return batch
 

@@ -78,8 +78,8 @@ PRESETS = {
     # The toy world: 64 px scenes, 8x8 patches, a 3M-parameter ViT that trains on a CPU.
     "tiny": MTVConfig(
         ViTConfig(64, 8, 192, 6, 3, 768),
-        TextConfig(258, 96, 192, 4, 3, 768),
-        HeadConfig(512, 128, 1024, 512, 64, 2),
+        TextConfig(258, 128, 192, 4, 3, 768),  # byte captions of the toy world: median 125 bytes
+        HeadConfig(512, 128, 1024, 512, 32, 2),
     ),
     "S/16": MTVConfig(ViTConfig(224, 16, 384, 12, 6, 1536), TextConfig(258, 64, 384, 12, 6, 1536)),
     # Shaped exactly as google/siglip-base-patch16-224 and google/siglip-large-patch16-256, the
@@ -120,10 +120,13 @@ class ByteTokenizer:
     def __init__(self, context_length: int):
         self.context_length = context_length
 
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        out = np.full((len(texts), self.context_length), self.pad_id, dtype=np.int64)
+    def __call__(self, texts: list[str], length: int | None = None) -> torch.Tensor:
+        """(n, length) ids; length defaults to the context length (short texts such as entity
+        names may use fewer positions: the tower takes the first `length` position embeddings)."""
+        length = length or self.context_length
+        out = np.full((len(texts), length), self.pad_id, dtype=np.int64)
         for i, text in enumerate(texts):
-            ids = np.frombuffer(text.encode("utf-8")[: self.context_length - 1], dtype=np.uint8)
+            ids = np.frombuffer(text.encode("utf-8")[: length - 1], dtype=np.uint8)
             out[i, : len(ids)] = ids.astype(np.int64) + self.offset
             out[i, len(ids)] = self.eos_id  # always room: the text was cut to context_length - 1 bytes
         return torch.from_numpy(out)
@@ -137,8 +140,8 @@ class PretrainedTokenizer:
         self.context_length = context_length
         self.pad_id, self.eos_id, self.bos_id = self.tok.pad_token_id, self.tok.eos_token_id, self.tok.bos_token_id
 
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        enc = self.tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+    def __call__(self, texts: list[str], length: int | None = None) -> torch.Tensor:
+        enc = self.tok(list(texts), padding="max_length", truncation=True, max_length=length or self.context_length,
                        return_tensors="pt")
         return enc["input_ids"]
 
@@ -487,24 +490,24 @@ class MTV(nn.Module):
             mask = torch.cat([torch.zeros_like(batch["ibot_mask"]), batch["ibot_mask"]])  # (2B, N)
         layers = self.depth_head.layers if "depth" in tasks else ()
         vis = self.vision(views, mask=mask, layers=layers, pool="clip" in tasks or "ssl" in tasks)
-        if "clip" in tasks or "ground" in tasks:  # captions and box names share one text pass
-            tokens = [batch["text"]] if "clip" in tasks else []
-            tokens += [batch["name_tokens"]] if "ground" in tasks else []
-            txt = self.encode_text(torch.cat(tokens))  # (B + R, D)
+        if "clip" in tasks or "ground" in tasks:
             out["logit_scale"], out["logit_bias"] = self.logit_scale.exp(), self.logit_bias
         if "clip" in tasks:
             out["img"] = F.normalize(vis["pooled"][:b], dim=-1)  # (B, D)
-            out["txt"] = txt[:b]
+            out["txt"] = self.encode_text(batch["text"])  # (B, D)
         if "ssl" in tasks:
             out["dino_global"] = self.dino_head(vis["pooled"])  # (2B, K)
-            out["dino_local"] = self.dino_head(self.vision(batch["local"])["pooled"])  # (L*B, K)
+            out["pooled"] = vis["pooled"]  # (2B, W) student global features, for KoLeo
+            if "local" in batch:  # DINO multi-crop; without local crops only the two global views pair up
+                out["dino_local"] = self.dino_head(self.vision(batch["local"])["pooled"])  # (L*B, K)
             out["ibot"] = self.ibot_head(vis["patch"][b:])  # (B, N, K') masked view 1
         if "depth" in tasks:
             out["depth"] = self.depth_head([x[:b] for x in vis["layers"]], self._grid(views), views.shape[-2:])
         if "ground" in tasks:
             regions = self.ground_head(vis["patch"][:b], self._grid(views), batch["boxes"])  # (B, M, D)
             out["region"] = regions[batch["box_valid"]]  # (R, D) row-major, the order of name_tokens
-            out["name"] = txt[len(batch["text"]) if "clip" in tasks else 0:]  # (R, D)
+            # names are tokenized shorter than captions (data.NAME_LENGTH), hence their own text pass
+            out["name"] = self.encode_text(batch["name_tokens"])  # (R, D)
         return out
 
     def ssl_teacher(self) -> nn.Module:

@@ -8,7 +8,7 @@ import torch
 
 import data
 
-def tokenize(texts):
+def tokenize(texts, length=None):
     """A stand-in for the model's tokenizer: (n, 2) LongTensor."""
     rows = [[len(t), sum(map(ord, t)) % 997] for t in texts]
     return torch.tensor(rows, dtype=torch.long).reshape(-1, 2)

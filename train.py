@@ -1,0 +1,580 @@
+"""Multi-task pretraining of one shared ViT: `python train.py --tasks clip,ssl,depth,ground`.
+
+One step of MTV (Di, Xie, Zhai 2026) reads like this:
+
+    batch  = views of B images (+ captions, pseudo depth, pseudo boxes)      data.make_views/collate
+    out    = student(batch)      one pass per view, heads only for enabled tasks   mtv.MTV.forward
+    target = teacher(batch)      EMA copy of the image tower, only with ssl        mtv.MTV.ssl_teacher
+    loss   = sum_k weight[k] * loss_k(out, target, batch)                         losses.py
+    AdamW step, then teacher <- EMA(student)
+
+Any subset of the four tasks trains; the same file runs as one process (CPU or one GPU) or under
+`torchrun` (NCCL on GPUs, gloo on CPUs). Everything the run needs to continue is in
+OUT/checkpoint.pt, written atomically, so `--resume latest` after a crash (even SIGKILL) ends with
+the same weights as a run that never stopped.
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from functools import partial
+from glob import glob
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import losses
+import mtv
+
+# -----------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class TrainConfig:
+    tasks: str = "clip,ssl,depth,ground"
+    data: str = ""  # glob of labelled shards; empty = the toy world, generated and labelled once
+    val_data: str = ""  # glob of shards for periodic validation losses; empty = none
+    model: str = "tiny"
+    steps: int = 200
+    epochs: float = 0.0  # if > 0, overrides --steps: passes over the training set
+    batch_size: int = 64  # per process; the global batch is batch_size * world size
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: float = 0.1  # fraction of the steps with linear lr warmup
+    weight_decay: float = 0.04  # cosine-increased to weight_decay_end, as DINO
+    weight_decay_end: float = 0.2
+    grad_clip: float = 1.0
+    loss_weights: str = ""  # e.g. "clip=1,ssl=0.5"; unnamed enabled tasks weigh 1
+    teacher_momentum: float = 0.99  # EMA of the SSL teacher, cosine-increased to 1
+    teacher_temp: float = 0.07  # DINO: warmed up from 0.04; above ~0.07 training is unstable
+    koleo: float = 0.0  # weight of the KoLeo spreading term on the student's global features
+    n_local: int = 4  # local crops per image for ssl (DINO multi-crop)
+    image_size: int = 0  # 0 = the preset's resolution
+    out: str = "runs/train"
+    resume: str = ""  # "latest" = OUT/checkpoint.pt, or a path
+    seed: int = 0
+    workers: int = 1  # data-loading processes per training process
+    shuffle_buffer: int = 2000
+    log_every: int = 10
+    ckpt_every: int = 50
+    val_every: int = 0  # 0 = at checkpoints
+    val_batches: int = 4
+    toy_n: int = 8000  # toy-world scenes generated when --data is not given
+    device: str = ""  # "" = cuda if available, else cpu
+    compile: bool = False
+    deterministic: bool = False
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = {
+        "tasks": f"comma-separated subset of {','.join(mtv.ALL_TASKS)}",
+        "data": "glob of training shards labelled by pseudolabel.py; empty: generate the toy world",
+        "val_data": "glob of labelled validation shards; their losses are logged as val_*",
+        "model": f"preset: {', '.join(mtv.PRESETS)}",
+        "epochs": "train for this many passes over --data instead of --steps",
+        "batch_size": "images per process and step",
+        "loss_weights": "task=weight pairs, e.g. clip=1,ssl=0.5,depth=0.5",
+        "teacher_momentum": "start of the EMA momentum schedule (to 1.0); 0.996 in DINO for long runs, "
+                            "lower for short ones so the teacher keeps up",
+        "teacher_temp": "final DINO/iBOT teacher temperature, warmed up from 0.04",
+        "resume": "'latest' continues OUT/checkpoint.pt; or a checkpoint path",
+        "toy_n": "number of toy-world training scenes made when --data is empty",
+        "deterministic": "deterministic kernels (CPU: bit-identical resume)",
+        "compile": "torch.compile the model",
+    }
+    for f, default in asdict(TrainConfig()).items():
+        name = "--" + f.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(name, action="store_true", help=helps.get(f))
+        else:
+            p.add_argument(name, type=type(default), default=default, help=helps.get(f))
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def fail(msg):
+    """A user mistake: one sentence on stderr, exit code 2, no traceback."""
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_tasks(spec):
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in mtv.ALL_TASKS]
+    if bad or not tasks:
+        fail(f"unknown task {(bad[0] if bad else spec)!r}; choose from {','.join(mtv.ALL_TASKS)}")
+    return tuple(t for t in mtv.ALL_TASKS if t in tasks)  # canonical order
+
+
+def parse_weights(spec, tasks):
+    weights = {t: 1.0 for t in tasks}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in mtv.ALL_TASKS:
+            fail(f"--loss-weights names unknown task {name!r}; choose from {','.join(mtv.ALL_TASKS)}")
+        if name not in tasks:
+            fail(f"--loss-weights gives a weight to {name!r}, which is not in --tasks {','.join(tasks)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            fail(f"--loss-weights entry {item!r} is not task=number")
+    return weights
+
+
+# Which pseudo-label member each task needs in a shard.
+LABEL_OF = {"depth": "depth.png", "ground": "ground.json"}
+
+
+def check_shards(pattern, tasks, flag):
+    """Expand a shard glob and make sure the labels the tasks need are there, before any work."""
+    shards = sorted(glob(pattern))
+    if not shards:
+        fail(f"{flag} {pattern!r} matches no files")
+    need = [LABEL_OF[t] for t in tasks if t in LABEL_OF]
+    for shard in shards:
+        try:
+            key, members = next(iter(data.iter_tar(shard)))
+        except StopIteration:
+            fail(f"shard {shard} is empty")
+        except Exception as e:  # not a tar file, unreadable, ...
+            fail(f"shard {shard} cannot be read as a tar file ({e})")
+        for ext in need:
+            if ext not in members:
+                task = next(t for t, m in LABEL_OF.items() if m == ext)
+                fail(f"--tasks {task} needs {ext} labels, but shard {shard} has none "
+                     f"(sample {key}); run pseudolabel.py on it first")
+    return shards
+
+
+# -----------------------------------------------------------------------------------------------
+# Distributed helpers: every collective is a no-op when the script runs as one process.
+
+
+def setup_dist(device_flag):
+    """Returns (rank, local_rank, world, device); initialises torch.distributed under torchrun."""
+    cuda = torch.cuda.is_available() and device_flag != "cpu"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, local_rank, world = 0, 0, 1
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, local_rank, world, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# -----------------------------------------------------------------------------------------------
+# Per-step schedules: plain functions of the step, as in DINO.
+
+
+def cosine(step, total, start, end):
+    """Cosine from `start` at step 0 to `end` at step `total`."""
+    t = min(step / max(total, 1), 1.0)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
+
+
+def lr_at(step, cfg, total):
+    warm = int(cfg.warmup * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cosine(step - warm, total - warm, cfg.lr, cfg.min_lr)
+
+
+# -----------------------------------------------------------------------------------------------
+# The toy world as default data
+
+
+def toy_data(cfg, size, rank):
+    """Generate and pseudo-label the toy world once; later runs with the same settings reuse it."""
+    root = os.path.join("runs", "toy-data", f"n{cfg.toy_n}-px{size}-seed{cfg.seed}")
+    labelled = os.path.join(root, "labelled")
+    if rank == 0 and not os.path.exists(os.path.join(labelled, "summary.json")):
+        print0(f"generating the toy world in {root} (simulated experts label it)")
+        data.main(["--out", os.path.join(root, "raw"), "--n", str(cfg.toy_n), "--val-n", "512",
+                   "--size", str(size), "--seed", str(cfg.seed)])
+        import pseudolabel  # only needed here; pseudolabel.py sits after train.py's inputs
+
+        pseudolabel.main(["--shards", os.path.join(root, "raw", "*.tar"), "--out", labelled,
+                          "--depth-expert", "simulated", "--ground-expert", "simulated"])
+    barrier()
+    return os.path.join(labelled, "train-*.tar"), os.path.join(labelled, "val-*.tar")
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints: plain data only, written to a temp file then renamed, so a crash mid-write leaves
+# the previous checkpoint intact.
+
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"--resume: no checkpoint at {path}")
+    except Exception as e:
+        fail(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})")
+
+
+def run_info():
+    """Git commit and library versions, for OUT/config.json."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "numpy": np.__version__}
+    for lib in ("torchvision", "transformers"):
+        try:
+            versions[lib] = __import__(lib).__version__
+        except ImportError:
+            pass
+    return {"git_commit": commit, "versions": versions}
+
+
+# -----------------------------------------------------------------------------------------------
+# Logs and plots
+
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # peak resident memory of this process; kilobytes on Linux
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def plot_losses(metrics_path, png_path):
+    """One panel per logged loss, training (and validation, dashed) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_path)]
+    keys = [k for k in ("loss", "clip", "dino", "ibot", "koleo", "depth", "ground")
+            if any(k in r for r in rows)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        tr = [(r["step"], r[k]) for r in rows if k in r]
+        va = [(r["step"], r["val_" + k]) for r in rows if "val_" + k in r]
+        ax.plot(*zip(*tr), label="train")
+        if va:
+            ax.plot(*zip(*va), "--o", ms=3, label="val")
+            ax.legend(fontsize=7)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------------------------
+# The multi-task step
+
+
+class Objectives(torch.nn.Module):
+    """The enabled losses, with the state they carry (DINO and iBOT teacher centres)."""
+
+    def __init__(self, model, tasks, cfg):
+        super().__init__()
+        self.tasks, self.cfg = tasks, cfg
+        if "ssl" in tasks:
+            self.dino = losses.DINOLoss(model.cfg.heads.dino_prototypes)
+            self.ibot = losses.IBOTLoss(model.cfg.heads.ibot_prototypes)
+
+    def forward(self, out, target, batch, teacher_temp):
+        """Returns (dict of per-task losses with gradients, dict of everything to log)."""
+        parts, logs = {}, {}
+        if "clip" in self.tasks:
+            d = losses.siglip_loss(out["img"].float(), out["txt"].float(), out["logit_scale"].float(),
+                                   out["logit_bias"].float())
+            parts["clip"] = d["clip"]
+            logs.update(d)
+        if "ssl" in self.tasks:
+            d = self.dino(out["dino_global"].float(), out.get("dino_local"),
+                          target["dino_global"].float(), teacher_temp)
+            d.update(self.ibot(out["ibot"].float(), target["ibot"].float(), batch["ibot_mask"],
+                               teacher_temp))
+            parts["ssl"] = d["dino"] + d["ibot"]
+            if self.cfg.koleo > 0:  # DINOv2: spread the student's global features, each view on its own
+                d["koleo"] = sum(losses.koleo_loss(f.float()) for f in out["pooled"].chunk(2)) / 2
+                parts["ssl"] = parts["ssl"] + self.cfg.koleo * d["koleo"]
+            logs.update(d)
+        if "depth" in self.tasks:
+            d = losses.depth_loss(out["depth"].float(), batch["depth"], batch["depth_valid"])
+            parts["depth"] = d["depth"]
+            logs.update(d)
+        if "ground" in self.tasks:
+            d = losses.ground_loss(out["region"].float(), out["name"].float(), batch["name_id"],
+                                   out["logit_scale"].float(), out["logit_bias"].float())
+            parts["ground"] = d["ground"]
+            logs.update(d)
+        return parts, logs
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (DINO)."""
+    s = dict(student.named_parameters())
+    t_params = [p for _, p in teacher.named_parameters()]
+    s_params = [s[n].detach() for n, _ in teacher.named_parameters()]
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+
+
+def param_groups(model, weight_decay):
+    """No weight decay on biases, norms, embeddings and tokens (1-D or position tables), as ViTs do."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain = p.ndim < 2 or "position" in name or "token" in name or "probe" in name
+        (no_decay if plain else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+
+
+def make_loader(cfg, shards, tasks, model, aug, skip, seed, repeat=True, workers=None):
+    ds = data.ShardDataset(
+        shards,
+        transform=partial(data.make_views, aug=aug, tasks=tasks),
+        batch_size=cfg.batch_size,
+        collate=partial(data.collate, tokenize=model.tokenize),
+        shuffle_buffer=cfg.shuffle_buffer if repeat else 0,
+        seed=seed,
+        repeat=repeat,
+        skip_batches=skip,
+        require=tuple(LABEL_OF[t] for t in tasks if t in LABEL_OF),
+    )
+    w = cfg.workers if workers is None else workers
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=w,
+                                       persistent_workers=w > 0, pin_memory=torch.cuda.is_available())
+
+
+@torch.no_grad()
+def validate(model, teacher, objectives, loader, n_batches, device, autocast, teacher_temp):
+    """Mean of each logged loss over the first n validation batches (eval mode, no updates)."""
+    model.eval()
+    objectives.eval()  # the teacher centres do not move in eval mode
+    sums, n = {}, 0
+    for i, batch in enumerate(loader):
+        if i == n_batches:
+            break
+        batch = to_device(batch, device)
+        with autocast:
+            out = model(batch)
+            target = teacher(batch) if teacher is not None else None
+        _, logs = objectives(out, target, batch, teacher_temp)
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n += 1
+    model.train()
+    objectives.train()
+    return {"val_" + k: v / max(n, 1) for k, v in sums.items()}
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    tasks = parse_tasks(cfg.tasks)
+    weights = parse_weights(cfg.loss_weights, tasks)
+    if cfg.model not in mtv.PRESETS:
+        fail(f"unknown --model {cfg.model!r}; choose from {', '.join(mtv.PRESETS)}")
+    for flag in ("steps", "batch_size", "log_every", "ckpt_every"):
+        if getattr(cfg, flag) <= 0 and not (flag == "steps" and cfg.epochs > 0):
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(cfg, flag)}")
+    if cfg.resume and cfg.resume != "latest" and not os.path.isfile(cfg.resume):
+        fail(f"--resume {cfg.resume!r} is neither 'latest' nor an existing checkpoint file")
+
+    rank, _, world, device = setup_dist(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    model_cfg = mtv.build_config(cfg.model)
+    if cfg.image_size:
+        model_cfg.vision.image_size = cfg.image_size
+    size = model_cfg.vision.image_size
+
+    if cfg.data:
+        train_shards = check_shards(cfg.data, tasks, "--data")
+        val_pattern = cfg.val_data
+    else:
+        train_glob, val_glob = toy_data(cfg, size, rank)
+        train_shards = check_shards(train_glob, tasks, "--data")
+        val_pattern = cfg.val_data or val_glob
+    val_shards = check_shards(val_pattern, tasks, "--val-data") if val_pattern else []
+
+    total = cfg.steps
+    if cfg.epochs > 0:
+        total = max(1, math.ceil(cfg.epochs * data.count_samples(train_shards) / (cfg.batch_size * world)))
+
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if rank == 0:
+        settings = {**asdict(cfg), "tasks": list(tasks), "loss_weights": weights, "total_steps": total,
+                    "world_size": world, "train_shards": len(train_shards), **run_info()}
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(settings, f, indent=2)
+        print0("settings:\n" + "\n".join(f"  {k:<18} {v}" for k, v in sorted(asdict(cfg).items())))
+
+    # -- model, teacher, losses, optimizer ------------------------------------------------------
+    model = mtv.MTV(model_cfg, tasks).to(device)
+    teacher = model.ssl_teacher().to(device) if "ssl" in tasks else None
+    objectives = Objectives(model, tasks, cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+                                  **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    step = 0
+    resume_path = ckpt_path if cfg.resume == "latest" else cfg.resume
+    if cfg.resume and os.path.exists(resume_path):
+        ck = load_checkpoint(resume_path)
+        if ck.get("model_config") != model.config_dict():
+            fail(f"--resume: {resume_path} was trained with another model or tasks "
+                 f"({ck.get('model_config', {}).get('tasks')}); use a fresh --out")
+        model.load_state_dict(ck["model"])
+        if teacher is not None:
+            teacher.load_state_dict(ck["teacher"])
+        objectives.load_state_dict(ck["objectives"])
+        optimizer.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        step = ck["step"]
+        print0(f"resumed from {resume_path} at step {step}")
+    elif cfg.resume == "latest":
+        print0(f"--resume latest: no checkpoint in {cfg.out} yet, starting from scratch")
+    if rank == 0:  # drop log lines written after the checkpoint we continue from
+        kept = [l for l in open(metrics_path)] if os.path.exists(metrics_path) else []
+        kept = [l for l in kept if json.loads(l)["step"] <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    # Without clip and ssl nothing reads the attention-pool head (and depth alone skips the final norm):
+    # DDP must then be told that some parameters get no gradient.
+    unused = not {"clip", "ssl"} & set(tasks)
+    ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+           if world > 1 else model)
+    student = torch.compile(ddp) if cfg.compile else ddp
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    aug = data.AugConfig(size=size, local_size=size // 2, n_local=cfg.n_local if "ssl" in tasks else 0,
+                         patch_size=model_cfg.vision.patch_size)
+    loader = make_loader(cfg, train_shards, tasks, model, aug, skip=step, seed=cfg.seed)
+    val_loader = (make_loader(cfg, val_shards, tasks, model, aug, skip=0, seed=cfg.seed + 1,
+                              repeat=False, workers=0) if val_shards else None)
+
+    def checkpoint_state():
+        return {"model": model.state_dict(), "model_config": model.config_dict(),
+                "teacher": teacher.state_dict() if teacher is not None else None,
+                "objectives": objectives.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "rng": {"torch": torch.get_rng_state()},
+                "data": {"batches_seen": step, "seed": cfg.seed, "shards": train_shards},
+                "train_config": {**asdict(cfg), "tasks": list(tasks), "total_steps": total}}
+
+    # -- the loop --------------------------------------------------------------------------------
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at log steps, no sync per step
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    t_last, steps_since = time.perf_counter(), 0
+    it = iter(loader)
+    while step < total:
+        lr = lr_at(step, cfg, total)
+        wd = cosine(step, total, cfg.weight_decay, cfg.weight_decay_end)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+            g["weight_decay"] = wd if g["decay"] else 0.0
+        batch = to_device(next(it), device)
+
+        with autocast:
+            out = student(batch)
+            target = teacher(batch) if teacher is not None else None
+        temp = losses.teacher_temp_schedule(step, int(0.3 * total), 0.04, cfg.teacher_temp)
+        parts, logs = objectives(out, target, batch, temp)
+        loss = sum(weights[k] * v for k, v in parts.items())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        nonfinite |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        optimizer.step()
+        if teacher is not None:
+            ema_update(teacher, model, cosine(step, total, cfg.teacher_momentum, 1.0))
+        step += 1
+        steps_since += 1
+        bar.update(1)
+
+        last = step == total
+        if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or last:
+            if nonfinite.item():
+                fail(f"the loss or its gradient became NaN/inf between step {step - steps_since} and "
+                     f"{step}; the last good checkpoint ({ckpt_path}) is kept; lower --lr or check the data")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t_last) / steps_since
+            row = {"step": step, "loss": loss.item(), "lr": lr, "wd": wd, "grad_norm": float(grad_norm),
+                   "teacher_temp": temp, **{k: float(v.detach()) for k, v in logs.items()},
+                   "ms_per_step": 1000 * dt, "img_per_s": cfg.batch_size * world / dt,
+                   "mem_gb": memory_gb(device)}
+            if val_loader is not None and (step % (cfg.val_every or cfg.ckpt_every) == 0 or last):
+                row.update(validate(model, teacher, objectives, val_loader, cfg.val_batches, device,
+                                    autocast, temp))
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                shown = " ".join(f"{k} {row[k]:.3f}" for k in ("loss", "clip", "dino", "ibot", "depth", "ground")
+                                 if k in row)
+                bar.write(f"step {step:>6}/{total} | {shown} | lr {lr:.2e} | {row['ms_per_step']:.0f} ms/step"
+                          f" | {row['img_per_s']:.0f} img/s | mem {row['mem_gb']:.2f} GB")
+            t_last, steps_since = time.perf_counter(), 0
+        if rank == 0 and (step % cfg.ckpt_every == 0 or last):
+            save_checkpoint(ckpt_path, checkpoint_state())
+            plot_losses(metrics_path, os.path.join(cfg.out, "losses.png"))
+    bar.close()
+    print0(f"done: {step} steps; checkpoint {ckpt_path}, logs {metrics_path}, "
+           f"curves {os.path.join(cfg.out, 'losses.png')}")
+
+    # gloo can abort at interpreter exit while DDP, optimizer or loader workers are still alive:
+    # release them, then leave the process group together.
+    del student, ddp, model, teacher, optimizer, loader, it, val_loader
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return ckpt_path
+
+
+if __name__ == "__main__":
+    main()
