@@ -211,13 +211,14 @@ def lr_at(step, cfg, total):
 
 
 def toy_data(cfg, size, rank):
-    """Generate and pseudo-label the toy world once; later runs with the same settings reuse it."""
-    root = os.path.join("runs", "toy-data", f"n{cfg.toy_n}-px{size}-seed{cfg.seed}")
+    """Generate and pseudo-label the toy world once; later runs with the same size reuse it. The
+    scenes do not depend on --seed: seeds vary the model and the augmentations, not the data."""
+    root = os.path.join("runs", "toy-data", f"n{cfg.toy_n}-px{size}")
     labelled = os.path.join(root, "labelled")
     if rank == 0 and not os.path.exists(os.path.join(labelled, "summary.json")):
         print0(f"generating the toy world in {root} (simulated experts label it)")
         data.main(["--out", os.path.join(root, "raw"), "--n", str(cfg.toy_n), "--val-n", "512",
-                   "--size", str(size), "--seed", str(cfg.seed)])
+                   "--size", str(size), "--seed", "0"])
         import pseudolabel  # only needed here; pseudolabel.py sits after train.py's inputs
 
         pseudolabel.main(["--shards", os.path.join(root, "raw", "*.tar"), "--out", labelled,

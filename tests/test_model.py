@@ -39,7 +39,7 @@ def make_batch(cfg, tasks):
 
 EXPECTED = {  # output keys of each task
     "clip": {"img", "txt", "logit_scale", "logit_bias"},
-    "ssl": {"dino_global", "dino_local", "ibot"},
+    "ssl": {"dino_global", "dino_local", "ibot", "pooled"},
     "depth": {"depth"},
     "ground": {"region", "name", "logit_scale", "logit_bias"},
 }
@@ -69,7 +69,7 @@ def test_tiny_shapes(cfg):
     s, n, d = cfg.vision.image_size, (cfg.vision.image_size // cfg.vision.patch_size) ** 2, cfg.vision.width
     k, k2 = cfg.heads.dino_prototypes, cfg.heads.ibot_prototypes
     shapes = {"img": (B, d), "txt": (B, d), "logit_scale": (), "logit_bias": (), "dino_global": (G * B, k),
-              "dino_local": (L * B, k), "ibot": (B, n, k2), "depth": (B, s, s), "region": (3, d), "name": (3, d)}
+              "pooled": (G * B, d), "dino_local": (L * B, k), "ibot": (B, n, k2), "depth": (B, s, s), "region": (3, d), "name": (3, d)}
     assert {key: tuple(v.shape) for key, v in out.items()} == shapes
     assert torch.allclose(out["logit_scale"], torch.tensor(10.0)) and out["logit_bias"].item() == -10
     assert torch.allclose(out["img"].norm(dim=-1), torch.ones(B)) and (out["depth"] >= 0).all()

@@ -1,0 +1,468 @@
+"""How fast mtv is against what it could be: `python -m bench [--quick] [--device cuda] [--json FILE]`.
+
+Every row is a ratio of two things timed in this one process, interleaved round by round (a
+median over rounds of each round's ratio), so a shared or throttled machine slows both sides
+alike. The rows:
+
+    (a) our image tower vs transformers' SiglipVisionModel of the same shape, fwd+bwd (bench/vit.py)
+    (b) one 4-task training step (train.py's loop body, tiny preset, a fixed batch made by
+        data.make_views/collate) vs the sum of its parts timed one by one, and the step's
+        achieved FLOP/s (FLOPs counted by torch's FlopCounterMode) vs a plain large matmul's
+    (c) the data pipeline's images/s (train.make_loader: ShardDataset + make_views + collate,
+        0 and 1 loader workers) vs the images/s the step consumes; > 1: the data keeps up
+    (d) pseudo-labelling images/s per expert (pseudolabel.label_shard with that expert alone:
+        simulated, and tiny random transformers experts built from configs) vs the step's images/s
+    (e) CUDA only: model FLOP utilisation in bf16 of the B/16 preset's 4-task step, counted FLOPs /
+        time / the device's dense bf16 peak
+
+The tiny random experts are sized like the tests' ones, not like Depth Anything V2 or OWLv2: their
+rows time the code path (processor, model call, post-processing, encoding, writing), not the
+real experts.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import data
+import losses
+import mtv
+import pseudolabel
+import train
+from bench import vit
+
+# Dense bf16 tensor-core peaks (no sparsity) by device name, from the vendors' data sheets.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+             "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12}
+
+
+def peak_bf16(name):
+    for key in sorted(PEAK_BF16, key=len, reverse=True):  # "GH200" before "H200", "L40S" before "L4"
+        if key in name:
+            return PEAK_BF16[key]
+    return None
+
+
+# -----------------------------------------------------------------------------------------------
+# Timing
+
+
+def make_sync(device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def timed(fn, sync):
+    """Seconds one call of fn takes, with queued device work drained before and after."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+class CountSyncs(TorchDispatchMode):
+    """Counts the ops that make the host wait for a GPU: reading a value (item, float(), bool()),
+    nonzero, and indexing or assigning by a boolean mask (its size is only known on the device).
+    Counted on any device, so a CPU run shows what a CUDA run would wait for."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masked = name in ("index", "index_put", "index_put_") and any(
+            t is not None and t.dtype == torch.bool for t in args[1])
+        if name in ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2") or masked:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+# -----------------------------------------------------------------------------------------------
+# The training step of train.py, on one fixed batch
+
+
+def fixed_batch(samples, model, aug, tasks, device):
+    views = [data.make_views(s, np.random.default_rng(i), aug, tasks) for i, s in enumerate(samples)]
+    return train.to_device(data.collate(views, model.tokenize), device)
+
+
+class Step:
+    """train.py's loop body (forward, teacher, objectives, backward, clip, AdamW, EMA) with its
+    settings: bf16 autocast and fused AdamW on CUDA, fp32 and foreach AdamW on CPU."""
+
+    def __init__(self, preset, samples, batch_size, device, tasks=mtv.ALL_TASKS, n_local=4):
+        cfg = mtv.build_config(preset)
+        size = cfg.vision.image_size
+        self.tasks, self.device, self.batch_size = tasks, device, batch_size
+        self.model = mtv.MTV(cfg, tasks).to(device)
+        self.teacher = self.model.ssl_teacher().to(device) if "ssl" in tasks else None
+        self.objectives = train.Objectives(self.model, tasks, train.TrainConfig()).to(device)
+        self.optimizer = torch.optim.AdamW(train.param_groups(self.model, 0.04), lr=1e-5,
+                                           **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else nullcontext())
+        self.aug = data.AugConfig(size=size, local_size=size // 2, n_local=n_local if "ssl" in tasks else 0,
+                                  patch_size=cfg.vision.patch_size)
+        self.batch = fixed_batch([samples[i % len(samples)] for i in range(batch_size)], self.model,
+                                 self.aug, tasks, device)
+
+    def __call__(self):
+        with self.autocast:
+            out = self.model(self.batch)
+            target = self.teacher(self.batch) if self.teacher is not None else None
+        parts, _ = self.objectives(out, target, self.batch, 0.04)
+        loss = sum(parts.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.update()
+
+    def update(self):
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        if self.teacher is not None:
+            train.ema_update(self.teacher, self.model, 0.99)
+
+    def parts(self):
+        """{name: fn}: the step cut into pieces that together do its work once. Each head and loss
+        runs on detached copies of its inputs, so its backward stops where the towers begin."""
+        m, b, obj, ac = self.model, self.batch, self.objectives, self.autocast
+        n = len(b["text"])
+        mask = torch.cat([torch.zeros_like(b["ibot_mask"]), b["ibot_mask"]])  # (2B, N) view 1 masked
+        grid = m._grid(b["global"])
+        with torch.no_grad(), ac:
+            vis = m.vision(b["global"], mask=mask, layers=m.depth_head.layers)
+            local = m.vision(b["local"])["pooled"]
+            target = self.teacher(b)
+            txt, name = m.encode_text(b["text"]), m.encode_text(b["name_tokens"])
+
+        def leaf(x):
+            return x.detach().clone().requires_grad_(True)
+
+        def backward(*xs):
+            sum(x.float().sum() for x in xs if x is not None).backward()
+
+        def vision_global():
+            with ac:
+                v = m.vision(b["global"], mask=mask, layers=m.depth_head.layers)
+            backward(v["pooled"], v["patch"], *v["layers"])
+
+        def vision_local():
+            with ac:
+                v = m.vision(b["local"])
+            backward(v["pooled"])
+
+        def teacher():
+            with ac:
+                self.teacher(b)
+
+        def text(tokens):
+            with ac:
+                t = m.encode_text(tokens)
+            backward(t)
+
+        def clip():
+            img, t = leaf(torch.nn.functional.normalize(vis["pooled"][:n].float(), dim=-1)), leaf(txt)
+            losses.siglip_loss(img, t.float(), m.logit_scale.exp(), m.logit_bias)["clip"].backward()
+
+        def dino():
+            with ac:
+                g, l = m.dino_head(leaf(vis["pooled"])), m.dino_head(leaf(local))
+            obj.dino(g.float(), l.float(), target["dino_global"].float(), 0.04)["dino"].backward()
+
+        def ibot():
+            with ac:
+                p = m.ibot_head(leaf(vis["patch"][n:]))
+            obj.ibot(p.float(), target["ibot"].float(), b["ibot_mask"], 0.04)["ibot"].backward()
+
+        def depth():
+            with ac:
+                d = m.depth_head([leaf(x[:n]) for x in vis["layers"]], grid, b["global"].shape[-2:])
+            losses.depth_loss(d.float(), b["depth"], b["depth_valid"])["depth"].backward()
+
+        def ground():
+            with ac:
+                r = m.ground_head(leaf(vis["patch"][:n]), grid, b["boxes"])[b["box_valid"]]
+            losses.ground_loss(r.float(), leaf(name).float(), b["name_id"], m.logit_scale.exp(),
+                               m.logit_bias)["ground"].backward()
+
+        return {"vision, 2 global views": vision_global, "vision, local views": vision_local,
+                "teacher, 2 global views (forward)": teacher, "text, captions": partial(text, b["text"]),
+                "text, entity names": partial(text, b["name_tokens"]), "clip loss": clip,
+                "dino head + loss": dino, "ibot head + loss": ibot, "depth head + loss": depth,
+                "ground head + loss": ground, "clip grad + AdamW + EMA": self.update}
+
+
+def matmul_reference(device):
+    """(fn, FLOPs) of a plain square matmul in the step's precision, the machine's practical peak."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return (lambda: a @ b), 2 * n**3
+
+
+# -----------------------------------------------------------------------------------------------
+# The sections
+
+
+def tower_vs_reference(args, rows):
+    r = vit.compare("tiny", args.batch, 1, 2 * args.rounds, str(args.device))
+    rows.append(row("a", "image tower fwd+bwd: ours / SiglipVisionModel (lower is faster)", r["ratio"],
+                    f"tiny, batch {args.batch}: {ms(r['ours'])} vs {ms(r['reference'])}, "
+                    f"{r['attention']} attention, max |diff| {r['max_diff']:.1e}"))
+
+
+def step_vs_parts(args, step, rows, report):
+    sync = make_sync(args.device)
+    parts = step.parts()
+    matmul, mm_flops = matmul_reference(args.device)
+    step_flops = count_flops(step)
+    part_flops = {k: count_flops(fn) for k, fn in parts.items()}
+    with CountSyncs() as syncs:
+        step()
+    times = {k: [] for k in ["step", "matmul", *parts]}
+    for r in range(args.rounds + 1):  # round 0 warms up
+        got = {"matmul": timed(matmul, sync), "step": timed(step, sync)}
+        got |= {k: timed(fn, sync) for k, fn in parts.items()}  # the update last: it uses the grads left
+        if r:
+            for k, v in got.items():
+                times[k].append(v)
+    over_parts = statistics.median(s / sum(times[k][i] for k in parts) for i, s in enumerate(times["step"]))
+    peak = statistics.median((step_flops / s) / (mm_flops / m) for s, m in zip(times["step"], times["matmul"]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mm_rate = mm_flops / med["matmul"]
+    rows.append(row("b", "4-task step / sum of its parts", over_parts,
+                    f"tiny, batch {step.batch_size}: step {ms(med['step'])}, {len(parts)} parts "
+                    f"{ms(sum(med[k] for k in parts))}"))
+    rows.append(row("b", "4-task step FLOP/s / plain matmul FLOP/s (fraction of matmul peak)", peak,
+                    f"{step_flops / 1e9:.1f} GFLOP counted per step, {step_flops / med['step'] / 1e9:.1f} "
+                    f"GFLOP/s vs matmul {mm_rate / 1e9:.1f} GFLOP/s"))
+    report["step"] = {"batch": step.batch_size, "seconds": med["step"], "flops": step_flops,
+                      "matmul_flops_per_s": mm_rate, "host_sync_ops": syncs.ops,
+                      "parts": {k: {"seconds": med[k], "flops": part_flops[k],
+                                    "fraction_of_matmul_peak": part_flops[k] / med[k] / mm_rate}
+                                for k in parts}}
+    return med["step"]
+
+
+def pipeline_vs_step(args, step, shards, rows):
+    """Loader images/s over bursts of batches (prefetched batches drained first, so a burst times
+    what the loader makes while the trainer waits) vs the step's images/s, round by round."""
+    sync, burst = make_sync(args.device), 2 if args.quick else 4
+    cfg = train.TrainConfig(batch_size=step.batch_size, shuffle_buffer=64)
+    for workers in (0, 1):
+        loader = train.make_loader(cfg, shards, step.tasks, step.model, step.aug, skip=0, seed=0,
+                                   workers=workers)
+        it = iter(loader)
+        next(it)  # worker start-up is not throughput
+        ratios, ips = [], []
+        for _ in range(args.rounds):
+            for _ in range(2 * workers):  # DataLoader's prefetch_factor (2) per worker
+                next(it)
+            t = timed(lambda: [next(it) for _ in range(burst)], sync)
+            s = timed(step, sync)
+            ips.append(burst * step.batch_size / t)
+            ratios.append(ips[-1] / (step.batch_size / s))
+        del it, loader
+        rows.append(row("c", f"data pipeline / training step images/s, {workers} loader worker(s)",
+                        statistics.median(ratios),
+                        f"{statistics.median(ips):.0f} img/s (make_views + collate, "
+                        f"{step.aug.n_local} local crops) vs step {step.batch_size / args.step_seconds:.1f} img/s"))
+
+
+def tiny_experts(root, size):
+    """Depth Anything and OWLv2 with tiny random weights, saved where load_expert finds them: the
+    same construction as tests/test_pseudolabel.py's fixture, at the toy world's image size."""
+    from transformers import (CLIPTokenizer, DepthAnythingConfig, DepthAnythingForDepthEstimation,
+                              Dinov2Config, DPTImageProcessor, Owlv2Config, Owlv2ForObjectDetection,
+                              Owlv2ImageProcessor, Owlv2Processor)
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(image_size=size, patch_size=8, hidden_size=32, num_hidden_layers=4,
+                            num_attention_heads=2, intermediate_size=64, reshape_hidden_states=False,
+                            out_features=["stage1", "stage2", "stage3", "stage4"])
+    DepthAnythingForDepthEstimation(DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16, 32, 32, 32],
+        fusion_hidden_size=32, head_hidden_size=16, patch_size=8, depth_estimation_type="relative",
+    )).save_pretrained(os.path.join(root, "depth"))
+    DPTImageProcessor(size={"height": size, "width": size}, keep_aspect_ratio=True, ensure_multiple_of=8,
+                      do_pad=False).save_pretrained(os.path.join(root, "depth"))
+    # A CLIP-style vocabulary of the 256 byte symbols and no merges: any text, one token a character.
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in keep] + [chr(256 + i) for i in range(256 - len(keep))]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    Owlv2ForObjectDetection(Owlv2Config(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=len(vocab) - 2,
+                         eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1),
+        vision_config=dict(image_size=size, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2), projection_dim=32,
+    )).save_pretrained(os.path.join(root, "owl"))
+    Owlv2Processor(Owlv2ImageProcessor(size={"height": size, "width": size}),
+                   CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)).save_pretrained(os.path.join(root, "owl"))
+    return os.path.join(root, "depth"), os.path.join(root, "owl")
+
+
+def labelling_vs_step(args, step, raw_shard, root, rows):
+    sync = make_sync(args.device)
+    cfg = pseudolabel.LabelConfig(raw_shard, root, "", "", device=str(args.device), batch_size=16)
+    experts = {"simulated depth": ("depth", "simulated"), "simulated ground": ("ground", "simulated")}
+    try:
+        depth_dir, owl_dir = tiny_experts(os.path.join(root, "experts"), args.size)
+        experts |= {"tiny random Depth Anything": ("depth", depth_dir), "tiny random OWLv2": ("ground", owl_dir)}
+    except ImportError:
+        print("transformers is not installed: the real experts' rows are left out", file=sys.stderr)
+    loaded = {name: {"depth": None, "ground": None} | {kind: pseudolabel.load_expert(kind, path, cfg, args.device)}
+              for name, (kind, path) in experts.items()}
+    n = data.count_samples([raw_shard])
+    out = os.path.join(root, "labelled-by-one.tar")
+
+    def label(which):
+        pseudolabel.label_shard(raw_shard, out, which, None, cfg, progress=lambda k: None)
+
+    for which in loaded.values():
+        label(which)  # warm-up: first calls build caches and kernels
+    ratios = {name: [] for name in loaded}
+    ips = {name: [] for name in loaded}
+    for _ in range(args.rounds):
+        s = timed(step, sync)
+        for name, which in loaded.items():
+            ips[name].append(n / timed(partial(label, which), sync))
+            ratios[name].append(ips[name][-1] / (step.batch_size / s))
+    for name in loaded:
+        rows.append(row("d", f"pseudo-labelling / training step images/s, {name}",
+                        statistics.median(ratios[name]),
+                        f"{statistics.median(ips[name]):.0f} img/s ({n} images a shard, decode + expert + "
+                        f"encode + write)"))
+
+
+def mfu(args, samples, rows, report):
+    if args.device.type != "cuda":
+        rows.append(row("e", "MFU, bf16, B/16 preset 4-task step", None, "n/a on CPU"))
+        return
+    sync = make_sync(args.device)
+    step = Step("B/16", samples, args.mfu_batch, args.device)
+    flops = count_flops(step)
+    for _ in range(3):
+        step()
+    n = 5 if args.quick else 20
+    seconds = timed(lambda: [step() for _ in range(n)], sync) / n
+    name = torch.cuda.get_device_name(args.device)
+    peak = peak_bf16(name)
+    matmul, mm_flops = matmul_reference(args.device)
+    mm = statistics.median(timed(matmul, sync) for _ in range(10))
+    achieved = flops / seconds
+    detail = (f"{name}, batch {args.mfu_batch}: {flops / 1e12:.2f} TFLOP counted per step, {ms(seconds)}, "
+              f"{achieved / 1e12:.0f} TFLOP/s; bf16 matmul here {mm_flops / mm / 1e12:.0f} TFLOP/s")
+    if peak is None:
+        rows.append(row("e", "MFU, bf16, B/16 preset 4-task step", None, detail + "; no peak known for this device"))
+    else:
+        rows.append(row("e", "MFU, bf16, B/16 preset 4-task step", achieved / peak,
+                        detail + f"; peak {peak / 1e12:.0f} TFLOP/s"))
+    report["mfu"] = {"device": name, "batch": args.mfu_batch, "seconds": seconds, "flops": flops,
+                     "peak": peak, "memory_gb": torch.cuda.max_memory_allocated(args.device) / 2**30}
+
+
+# -----------------------------------------------------------------------------------------------
+# Output
+
+
+def ms(seconds):
+    return f"{seconds * 1e3:.0f} ms" if seconds >= 0.01 else f"{seconds * 1e3:.2f} ms"
+
+
+def row(section, what, ratio, detail):
+    return {"section": section, "what": what, "ratio": ratio, "detail": detail}
+
+
+def print_table(rows, report):
+    width = max(len(r["what"]) for r in rows) + 6
+    print(f"\n{'':<{width}}{'ratio':>8}  detail")
+    for r in rows:
+        value = "n/a" if r["ratio"] is None else f"{r['ratio']:.3g}"
+        print(f"({r['section']}) {r['what']:<{width - 4}}{value:>8}  {r['detail']}")
+    s = report.get("step")
+    if s:
+        print(f"\nthe 4-task step, part by part (tiny, batch {s['batch']}; fraction of the matmul's FLOP/s):")
+        for k, p in sorted(s["parts"].items(), key=lambda kv: -kv[1]["seconds"]):
+            print(f"  {k:<36}{ms(p['seconds']):>10}{p['flops'] / 1e9:>9.2f} GFLOP"
+                  f"{p['fraction_of_matmul_peak']:>8.2f}")
+        ops = s["host_sync_ops"]
+        print(f"ops in one step that make the host wait for a GPU: {len(ops)}"
+              + (f" ({', '.join(sorted(set(ops)))})" if ops else ""))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer rounds and a smaller batch (~1-2 min on a CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", metavar="FILE", help="also write the table and the breakdown as JSON")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--batch", type=int, default=0, help="images per step for (a)-(d); 0 = 8 with --quick, else 16")
+    p.add_argument("--mfu-batch", type=int, default=64, help="images per step for the B/16 MFU row")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda was asked for, but no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.batch = args.batch or (8 if args.quick else 16)
+    args.rounds = 3 if args.quick else 7
+    args.size = mtv.build_config("tiny").vision.image_size
+    where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else \
+        f"cpu, {torch.get_num_threads()} threads"
+    print(f"mtv benchmark on {where}; torch {torch.__version__}; {'quick' if args.quick else 'full'}: "
+          f"{args.rounds} rounds, batch {args.batch}")
+    torch.manual_seed(0)
+    rows, report = [], {}
+    with tempfile.TemporaryDirectory() as root:
+        # A small toy world at the tiny preset's size, labelled by the simulated experts, as train.py's default.
+        n = 4 * args.batch
+        raw = os.path.join(root, "raw-000000.tar")
+        data.write_shard(raw, ((f"{i:09d}", data.scene_members(data.render_scene(0, i, args.size), 0, i))
+                               for i in range(n)))
+        shard = os.path.join(root, "train-000000.tar")
+        sim = pseudolabel.LabelConfig(raw, root, "simulated", "simulated")
+        pseudolabel.label_shard(raw, shard, {k: pseudolabel.load_expert(k, "simulated", sim, None)
+                                             for k in ("depth", "ground")}, None, sim, progress=lambda k: None)
+        samples = [data.decode_sample(k, m) for k, m in data.iter_tar(shard)]
+
+        print("(a) image tower ...", flush=True)
+        tower_vs_reference(args, rows)
+        print("(b) training step and its parts ...", flush=True)
+        step = Step("tiny", samples, args.batch, args.device)
+        args.step_seconds = step_vs_parts(args, step, rows, report)
+        print("(c) data pipeline ...", flush=True)
+        pipeline_vs_step(args, step, [shard], rows)
+        print("(d) pseudo-labelling ...", flush=True)
+        labelling_vs_step(args, step, raw, root, rows)
+        del step
+        print("(e) MFU ...", flush=True)
+        mfu(args, samples, rows, report)
+    print_table(rows, report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": where, "torch": torch.__version__, "quick": args.quick, "rows": rows, **report},
+                      f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
