@@ -138,11 +138,13 @@ def delta1(pred, target):
 
 
 def align_scale_shift(pred, target):
-    """s * pred + t with (s, t) the least-squares fit to target: relative depth (MiDaS, Depth
-    Anything) is only defined up to scale and shift, so it is aligned before scoring."""
-    A = torch.stack([pred, torch.ones_like(pred)], 1).double()  # (P, 2)
-    s, t = torch.linalg.lstsq(A, target.double()[:, None]).solution[:, 0]
-    return (s * pred.double() + t).to(pred.dtype)
+    """s * pred + t with (s, t) the least-squares fit to target, s >= 0: relative depth (MiDaS, Depth
+    Anything) is only defined up to a positive scale and a shift, so it is aligned before scoring;
+    an upside-down prediction gets s = 0 (the best non-negative scale) and scores as a flat map."""
+    p, y = pred.double(), target.double()
+    pc = p - p.mean()
+    s = ((pc * (y - y.mean())).sum() / (pc * pc).sum().clamp(min=1e-12)).clamp(min=0)
+    return (s * pc + y.mean()).to(pred.dtype)
 
 
 def correspondence_recall(pred_xy, true_xy, threshold):

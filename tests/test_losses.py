@@ -249,7 +249,9 @@ def ref_depth(pred, target, mask, scales=4, grad_weight=0.5, eps=1e-6):
         y = torch.stack([target[i, u, v] for u, v in idx])
         a = torch.stack([torch.stack([(p * p).sum() + len(p) * eps, p.sum()]),
                          torch.stack([p.sum(), torch.tensor(float(len(p)), dtype=p.dtype)])])
-        s, t = torch.linalg.solve(a, torch.stack([(p * y).sum(), y.sum()]))
+        s, _ = torch.linalg.solve(a, torch.stack([(p * y).sum(), y.sum()]))
+        s = s.abs()  # the loss keeps the scale positive; the shift follows the kept scale
+        t = y.mean() - s * p.mean()
         res[i] = torch.where(mask[i], s * pred[i] + t - target[i], 0)
     ssi = 0.5 * (res[mask] ** 2).sum() / max(int(mask.sum()), 1)
     grad = 0
@@ -290,6 +292,8 @@ def test_depth_invariant_to_scale_and_shift_of_prediction():
                                    rtol=1e-4, atol=0)
     perfect = losses.depth_loss(2 * target + 1, target, mask)["depth"]  # exact up to the ridge
     assert perfect.item() < 1e-5
+    # an upside-down map is not rescued by a negative scale
+    assert losses.depth_loss(-target, target, mask)["depth"].item() > 0.05
 
 
 def test_depth_constant_maps_and_everything_masked():
