@@ -26,6 +26,7 @@ demo: $(VENV)/.installed
 	$(PY) train.py --tasks clip,ssl,depth,ground --data '$(DEMO)/labelled/train-*.tar' \
 		--val-data '$(DEMO)/labelled/val-*.tar' --steps 120 --batch-size 32 --out $(DEMO)/train
 	$(PY) evaluate.py $(DEMO)/train/checkpoint.pt --data '$(DEMO)/labelled/val-*.tar'
+	$(PY) evaluate.py --compare $(DEMO)/train --out $(DEMO)/train/eval
 	@echo "demo done: see $(DEMO)/preview.png, $(DEMO)/train/losses.png, $(DEMO)/train/eval/"
 
 # The paper's Figure 1 ladder on the toy world: every row of ROWS x every seed of SEEDS is trained
@@ -39,10 +40,10 @@ SEEDS  ?= 0 1 2
 ABLATE ?= runs/ablate
 MODEL  ?= tiny
 SIZE   ?= 32
-STEPS  ?= 300
+STEPS  ?= 200
 BATCH  ?= 32
 TOY_N  ?= 8000
-EVAL_N ?= 600
+EVAL_N ?= 400
 
 ablate: $(VENV)/.installed
 	@for t in $(ROWS); do for s in $(SEEDS); do \
