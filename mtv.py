@@ -505,7 +505,10 @@ class MTV(nn.Module):
             out["depth"] = self.depth_head([x[:b] for x in vis["layers"]], self._grid(views), views.shape[-2:])
         if "ground" in tasks:
             regions = self.ground_head(vis["patch"][:b], self._grid(views), batch["boxes"])  # (B, M, D)
-            out["region"] = regions[batch["box_valid"]]  # (R, D) row-major, the order of name_tokens
+            # The R valid boxes, row-major, without a boolean index (it would make the host wait for
+            # the GPU to count them, forward and backward): a stable sort puts the valid slots first.
+            first = torch.argsort((~batch["box_valid"]).flatten().byte(), stable=True)[: len(batch["name_tokens"])]
+            out["region"] = regions.flatten(0, 1)[first]  # (R, D) row-major, the order of name_tokens
             # names are tokenized shorter than captions (data.NAME_LENGTH), hence their own text pass
             out["name"] = self.encode_text(batch["name_tokens"])  # (R, D)
         return out
@@ -620,11 +623,24 @@ def _siglip_names(model: MTV) -> dict:
     return names
 
 
+def load_error(e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line. torch's own message runs over
+    many lines and suggests weights_only=False, which would run whatever code the file holds."""
+    text = str(e).strip()
+    if "WeightsUnpickler error:" in text:  # a pickled object that is not a tensor or plain data
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0].splitlines()[0]
+        return f"torch.load(weights_only=True) refuses it: {reason}"
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def load_model(path, map_location="cpu") -> MTV:
     """An MTV model from a checkpoint written by train.py (keys "model_config" and "model")."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)  # plain data only, never code
+    except Exception as e:  # truncated, not a checkpoint, or holding pickled objects
+        raise ValueError(f"{path} is not a readable mtv checkpoint ({load_error(e)})") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not an mtv checkpoint (expected the keys 'model_config' and 'model')")
     model = MTV.from_config_dict(ckpt["model_config"])

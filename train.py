@@ -16,6 +16,7 @@ the same weights as a run that never stopped.
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -244,7 +245,7 @@ def load_checkpoint(path):
     except FileNotFoundError:
         fail(f"--resume: no checkpoint at {path}")
     except Exception as e:
-        fail(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})")
+        fail(f"--resume: {path} is not a readable checkpoint ({mtv.load_error(e)})")
 
 
 def run_info():
@@ -257,10 +258,10 @@ def run_info():
         commit = "unknown"
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "numpy": np.__version__}
-    for lib in ("torchvision", "transformers"):
+    for lib in ("torchvision", "transformers"):  # read from the metadata: importing transformers is slow
         try:
-            versions[lib] = __import__(lib).__version__
-        except ImportError:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
             pass
     return {"git_commit": commit, "versions": versions}
 

@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from functools import partial
 
@@ -43,12 +44,12 @@ import train
 from bench import vit
 
 # Dense bf16 tensor-core peaks (no sparsity) by device name, from the vendors' data sheets.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-             "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12}
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "GH200": 989e12, "B200": 2250e12,
+             "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
 
 def peak_bf16(name):
-    for key in sorted(PEAK_BF16, key=len, reverse=True):  # "GH200" before "H200", "L40S" before "L4"
+    for key in sorted(PEAK_BF16, key=len, reverse=True):  # "H100 PCIe" before "H100", "L40S" before "L4"
         if key in name:
             return PEAK_BF16[key]
     return None
@@ -78,9 +79,14 @@ def count_flops(fn):
 
 
 class CountSyncs(TorchDispatchMode):
-    """Counts the ops that make the host wait for a GPU: reading a value (item, float(), bool()),
-    nonzero, and indexing or assigning by a boolean mask (its size is only known on the device).
-    Counted on any device, so a CPU run shows what a CUDA run would wait for."""
+    """The ops of a CPU run that would make the host wait for a GPU: reading a value (item, float(),
+    bool()), nonzero and boolean-mask indexing (the result's size lives on the device), and tensors
+    made from Python values ("lift_fresh"), which a CUDA run copies host-to-device with a wait
+    (torch.as_tensor(3, device="cuda")); a Python scalar assigned into a tensor shows up as one too,
+    though CUDA fills that without waiting. On CUDA, cuda_syncs() below counts the real ones."""
+
+    KINDS = {"_local_scalar_dense": "item", "nonzero": "nonzero", "masked_select": "masked_select",
+             "lift_fresh": "tensor from a Python value"}
 
     def __init__(self):
         super().__init__()
@@ -88,11 +94,25 @@ class CountSyncs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        masked = name in ("index", "index_put", "index_put_") and any(
-            t is not None and t.dtype == torch.bool for t in args[1])
-        if name in ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2") or masked:
-            self.ops.append(name)
+        if name in ("index", "index_put", "index_put_") and any(
+                t is not None and t.dtype == torch.bool for t in args[1]):
+            self.ops.append("boolean index")
+        elif name in self.KINDS:
+            self.ops.append(self.KINDS[name])
         return func(*args, **(kwargs or {}))
+
+
+def cuda_syncs(fn):
+    """The synchronizing CUDA calls fn makes, as torch's sync debug mode reports them."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return ["cuda sync" for w in caught if "synchronizing CUDA operation" in str(w.message)]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -125,6 +145,10 @@ class Step:
                                  self.aug, tasks, device)
 
     def __call__(self):
+        self.forward_backward()
+        self.update()
+
+    def forward_backward(self):
         with self.autocast:
             out = self.model(self.batch)
             target = self.teacher(self.batch) if self.teacher is not None else None
@@ -132,7 +156,6 @@ class Step:
         loss = sum(parts.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.update()
 
     def update(self):
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -199,7 +222,9 @@ class Step:
 
         def ground():
             with ac:
-                r = m.ground_head(leaf(vis["patch"][:n]), grid, b["boxes"])[b["box_valid"]]
+                r = m.ground_head(leaf(vis["patch"][:n]), grid, b["boxes"])  # (B, M, D)
+            first = torch.argsort((~b["box_valid"]).flatten().byte(), stable=True)[: len(b["name_tokens"])]
+            r = r.flatten(0, 1)[first]  # (R, D) the valid boxes, as MTV.forward gathers them
             losses.ground_loss(r.float(), leaf(name).float(), b["name_id"], m.logit_scale.exp(),
                                m.logit_bias)["ground"].backward()
 
@@ -222,10 +247,12 @@ def matmul_reference(device):
 
 
 def tower_vs_reference(args, rows):
-    r = vit.compare("tiny", args.batch, 1, 2 * args.rounds, str(args.device))
-    rows.append(row("a", "image tower fwd+bwd: ours / SiglipVisionModel (lower is faster)", r["ratio"],
-                    f"tiny, batch {args.batch}: {ms(r['ours'])} vs {ms(r['reference'])}, "
-                    f"{r['attention']} attention, max |diff| {r['max_diff']:.1e}"))
+    shapes = [("tiny", args.batch)] + ([("B/16", 32)] if args.device.type == "cuda" else [])
+    for preset, batch in shapes:
+        r = vit.compare(preset, batch, 1, 2 * args.rounds, str(args.device))
+        rows.append(row("a", f"image tower fwd+bwd: ours / SiglipVisionModel, {preset} (< 1: ours faster)",
+                        r["ratio"], f"batch {batch}, fp32: {ms(r['ours'])} vs {ms(r['reference'])}, "
+                        f"{r['attention']} attention, max |diff| {r['max_diff']:.1e}"))
 
 
 def step_vs_parts(args, step, rows, report):
@@ -234,8 +261,13 @@ def step_vs_parts(args, step, rows, report):
     matmul, mm_flops = matmul_reference(args.device)
     step_flops = count_flops(step)
     part_flops = {k: count_flops(fn) for k, fn in parts.items()}
-    with CountSyncs() as syncs:
-        step()
+    # forward and backward: the CPU's foreach AdamW reads its step counters, fused CUDA AdamW does not
+    if args.device.type == "cuda":
+        sync_ops = cuda_syncs(step.forward_backward)
+    else:
+        with CountSyncs() as counter:
+            step.forward_backward()
+        sync_ops = counter.ops
     times = {k: [] for k in ["step", "matmul", *parts]}
     for r in range(args.rounds + 1):  # round 0 warms up
         got = {"matmul": timed(matmul, sync), "step": timed(step, sync)}
@@ -254,7 +286,7 @@ def step_vs_parts(args, step, rows, report):
                     f"{step_flops / 1e9:.1f} GFLOP counted per step, {step_flops / med['step'] / 1e9:.1f} "
                     f"GFLOP/s vs matmul {mm_rate / 1e9:.1f} GFLOP/s"))
     report["step"] = {"batch": step.batch_size, "seconds": med["step"], "flops": step_flops,
-                      "matmul_flops_per_s": mm_rate, "host_sync_ops": syncs.ops,
+                      "matmul_flops_per_s": mm_rate, "host_waits": {k: sync_ops.count(k) for k in set(sync_ops)},
                       "parts": {k: {"seconds": med[k], "flops": part_flops[k],
                                     "fraction_of_matmul_peak": part_flops[k] / med[k] / mm_rate}
                                 for k in parts}}
@@ -293,6 +325,9 @@ def tiny_experts(root, size):
                               Dinov2Config, DPTImageProcessor, Owlv2Config, Owlv2ForObjectDetection,
                               Owlv2ImageProcessor, Owlv2Processor)
 
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     torch.manual_seed(0)
     backbone = Dinov2Config(image_size=size, patch_size=8, hidden_size=32, num_hidden_layers=4,
                             num_attention_heads=2, intermediate_size=64, reshape_hidden_states=False,
@@ -314,8 +349,9 @@ def tiny_experts(root, size):
         vision_config=dict(image_size=size, patch_size=8, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=2), projection_dim=32,
     )).save_pretrained(os.path.join(root, "owl"))
-    Owlv2Processor(Owlv2ImageProcessor(size={"height": size, "width": size}),
-                   CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)).save_pretrained(os.path.join(root, "owl"))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    Owlv2Processor(Owlv2ImageProcessor(size={"height": size, "width": size}), tokenizer).save_pretrained(
+        os.path.join(root, "owl"))
     return os.path.join(root, "depth"), os.path.join(root, "owl")
 
 
@@ -403,25 +439,29 @@ def print_table(rows, report):
         for k, p in sorted(s["parts"].items(), key=lambda kv: -kv[1]["seconds"]):
             print(f"  {k:<36}{ms(p['seconds']):>10}{p['flops'] / 1e9:>9.2f} GFLOP"
                   f"{p['fraction_of_matmul_peak']:>8.2f}")
-        ops = s["host_sync_ops"]
-        print(f"ops in one step that make the host wait for a GPU: {len(ops)}"
-              + (f" ({', '.join(sorted(set(ops)))})" if ops else ""))
+        waits = s["host_waits"]
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(waits.items()))
+        where = "" if report["device_type"] == "cuda" else "; counted on CPU, see CountSyncs"
+        print(f"host waits for the GPU in one step's forward and backward: {sum(waits.values())}"
+              + (f" ({kinds})" if waits else "") + where)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer rounds and a smaller batch (~1-2 min on a CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--json", metavar="FILE", help="also write the table and the breakdown as JSON")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; one keeps a shared CPU from being oversubscribed (with two busy "
+                        "neighbours, two threads ran the step 10x slower); 0 = torch's default")
     p.add_argument("--batch", type=int, default=0, help="images per step for (a)-(d); 0 = 8 with --quick, else 16")
     p.add_argument("--mfu-batch", type=int, default=64, help="images per step for the B/16 MFU row")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for, but no CUDA device is available")
-    if args.threads:
+    if args.threads and args.device.type == "cpu":
         torch.set_num_threads(args.threads)
     args.batch = args.batch or (8 if args.quick else 16)
     args.rounds = 3 if args.quick else 7
@@ -431,7 +471,7 @@ def main(argv=None):
     print(f"mtv benchmark on {where}; torch {torch.__version__}; {'quick' if args.quick else 'full'}: "
           f"{args.rounds} rounds, batch {args.batch}")
     torch.manual_seed(0)
-    rows, report = [], {}
+    rows, report = [], {"device_type": args.device.type}
     with tempfile.TemporaryDirectory() as root:
         # A small toy world at the tiny preset's size, labelled by the simulated experts, as train.py's default.
         n = 4 * args.batch
