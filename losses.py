@@ -87,7 +87,9 @@ def all_gather_with_grad(x):
 def _share_of_mean(total, count):
     """This rank's share of a global-batch mean: world * total / (count summed over ranks).
     An empty global batch gives 0 with the graph kept, so backward still runs."""
-    count = all_reduce_sum(torch.as_tensor(count, dtype=total.dtype, device=total.device))
+    if not torch.is_tensor(count):  # a python int: torch.full writes it on the device without a host wait
+        count = torch.full((), count, dtype=total.dtype, device=total.device)
+    count = all_reduce_sum(count.to(total.dtype))
     return total * world() / count.clamp(min=1)
 
 
