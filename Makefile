@@ -44,6 +44,8 @@ STEPS  ?= 200
 BATCH  ?= 32
 TOY_N  ?= 8000
 EVAL_N ?= 400
+comma  := ,
+RUNS    = $(foreach t,$(ROWS),$(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(t))-seed$(s)))
 
 ablate: $(VENV)/.installed
 	@for t in $(ROWS); do for s in $(SEEDS); do \
@@ -54,7 +56,7 @@ ablate: $(VENV)/.installed
 			--resume latest || exit 1; \
 		$(PY) evaluate.py $$run/checkpoint.pt --n $(EVAL_N) || exit 1; \
 	done; done
-	$(PY) evaluate.py --compare $(ABLATE)/*-seed* --out $(ABLATE)
+	$(PY) evaluate.py --compare $(RUNS) --out $(ABLATE)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
