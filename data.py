@@ -798,7 +798,7 @@ def make_views(sample, rng, aug, tasks):
     return out
 
 
-NAME_LENGTH = 32  # token positions for an entity name ("small purple cylinder" is 21 bytes)
+NAME_LENGTH = 32  # token positions for an entity name, unless the tokenizer says (`name_length`)
 
 
 def collate(samples, tokenize):
@@ -823,8 +823,9 @@ def collate(samples, tokenize):
             batch["boxes"][i, :len(s["boxes"])] = s["boxes"]
             batch["box_valid"][i, :len(s["boxes"])] = True
         names = [n for s in samples for n in s["names"]]
-        # entity names are short: NAME_LENGTH positions instead of the caption context (cheaper)
-        batch["name_tokens"] = tokenize(names or [""], length=NAME_LENGTH)[: len(names)]  # (R, T')
+        # entity names are short: fewer positions than the caption context (cheaper)
+        length = getattr(tokenize, "name_length", NAME_LENGTH)
+        batch["name_tokens"] = tokenize(names or [""], length=length)[: len(names)]  # (R, T')
         batch["name_id"] = torch.tensor([zlib.crc32(n.encode()) for n in names], dtype=torch.int64)
     return batch
 

@@ -15,6 +15,8 @@ parameter, so released MTV/SigLIP checkpoints convert both ways (`MTV.from_sigli
 import copy
 import math
 import os
+import re
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -51,7 +53,7 @@ class TextConfig:
     heads: int = 3
     mlp_dim: int = 768
     eps: float = 1e-6
-    tokenizer: str = "byte"  # or a directory holding a transformers tokenizer
+    tokenizer: str = "byte"  # "byte", "words", or a directory holding a transformers tokenizer
 
 
 @dataclass
@@ -78,7 +80,8 @@ PRESETS = {
     # The toy world: 64 px scenes, 8x8 patches, a 3M-parameter ViT that trains on a CPU.
     "tiny": MTVConfig(
         ViTConfig(64, 8, 192, 6, 3, 768),
-        TextConfig(258, 128, 192, 4, 3, 768),  # byte captions of the toy world: median 125 bytes
+        # hashed words: the toy world's captions have 49 distinct words, at most 50 tokens (median 28)
+        TextConfig(2048, 64, 192, 4, 3, 768, tokenizer="words"),
         HeadConfig(512, 128, 1024, 512, 32, 2),
     ),
     "S/16": MTVConfig(ViTConfig(224, 16, 384, 12, 6, 1536), TextConfig(258, 64, 384, 12, 6, 1536)),
@@ -109,16 +112,21 @@ def config_from_dict(d: dict) -> MTVConfig:
 
 
 # -----------------------------------------------------------------------------
-# Tokenizers: both map list[str] -> LongTensor (n, context_length), padded at the end like SigLIP's.
+# Tokenizers: all map list[str] -> LongTensor (n, context_length), padded at the end like SigLIP's.
+# `name_length` is how many positions a short entity name gets (the grounding task's names).
 
 
 class ByteTokenizer:
     """UTF-8 bytes shifted by 2 (0 = pad, 1 = eos): no vocabulary file, no download, any language."""
 
     pad_id, eos_id, bos_id, offset = 0, 1, None, 2
+    name_length = 32  # "small purple cylinder" is 21 bytes
 
     def __init__(self, context_length: int):
         self.context_length = context_length
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
 
     def __call__(self, texts: list[str], length: int | None = None) -> torch.Tensor:
         """(n, length) ids; length defaults to the context length (short texts such as entity
@@ -126,10 +134,30 @@ class ByteTokenizer:
         length = length or self.context_length
         out = np.full((len(texts), length), self.pad_id, dtype=np.int64)
         for i, text in enumerate(texts):
-            ids = np.frombuffer(text.encode("utf-8")[: length - 1], dtype=np.uint8)
-            out[i, : len(ids)] = ids.astype(np.int64) + self.offset
-            out[i, len(ids)] = self.eos_id  # always room: the text was cut to context_length - 1 bytes
+            ids = self.encode(text)[: length - 1]
+            out[i, : len(ids)] = ids
+            out[i, len(ids)] = self.eos_id  # always room: the text was cut to length - 1 tokens
         return torch.from_numpy(out)
+
+
+class WordTokenizer(ByteTokenizer):
+    """Lower-cased words and punctuation marks, each hashed (crc32) into one of vocab_size - 2 ids.
+
+    No vocabulary file either, and one token per word instead of one per byte: captions become
+    several times shorter and the text tower need not learn to spell, which is what lets the toy
+    world's CLIP objective learn within a few hundred CPU steps. Distinct words may share an id
+    once the vocabulary is large compared with vocab_size (feature hashing); the toy world's 49
+    words are all distinct at the tiny preset's 2048 (a test checks it)."""
+
+    name_length = 8
+    pattern = re.compile(r"\w+|[^\w\s]")
+
+    def __init__(self, context_length: int, vocab_size: int):
+        super().__init__(context_length)
+        self.buckets = vocab_size - self.offset
+
+    def encode(self, text: str) -> list[int]:
+        return [zlib.crc32(w.encode()) % self.buckets + self.offset for w in self.pattern.findall(text.lower())]
 
 
 class PretrainedTokenizer:
@@ -139,6 +167,7 @@ class PretrainedTokenizer:
         self.tok = _transformers().AutoTokenizer.from_pretrained(path)
         self.context_length = context_length
         self.pad_id, self.eos_id, self.bos_id = self.tok.pad_token_id, self.tok.eos_token_id, self.tok.bos_token_id
+        self.name_length = min(16, context_length)
 
     def __call__(self, texts: list[str], length: int | None = None) -> torch.Tensor:
         enc = self.tok(list(texts), padding="max_length", truncation=True, max_length=length or self.context_length,
@@ -151,6 +180,10 @@ def build_tokenizer(text_cfg: TextConfig):
         if text_cfg.vocab_size < 256 + ByteTokenizer.offset:
             raise ValueError(f"the byte tokenizer needs vocab_size >= 258, got {text_cfg.vocab_size}")
         return ByteTokenizer(text_cfg.context_length)
+    if text_cfg.tokenizer == "words":
+        if text_cfg.vocab_size < 3:
+            raise ValueError(f"the words tokenizer needs vocab_size >= 3, got {text_cfg.vocab_size}")
+        return WordTokenizer(text_cfg.context_length, text_cfg.vocab_size)
     return PretrainedTokenizer(text_cfg.tokenizer, text_cfg.context_length)
 
 
@@ -509,7 +542,7 @@ class MTV(nn.Module):
             # the GPU to count them, forward and backward): a stable sort puts the valid slots first.
             first = torch.argsort((~batch["box_valid"]).flatten().byte(), stable=True)[: len(batch["name_tokens"])]
             out["region"] = regions.flatten(0, 1)[first]  # (R, D) row-major, the order of name_tokens
-            # names are tokenized shorter than captions (data.NAME_LENGTH), hence their own text pass
+            # names are tokenized shorter than captions (`name_length`), hence their own text pass
             out["name"] = self.encode_text(batch["name_tokens"])  # (R, D)
         return out
 

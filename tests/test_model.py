@@ -54,12 +54,38 @@ def test_configs_and_tokenizer(cfg):
         mtv.config_from_dict({**asdict(cfg), "vision": {**asdict(cfg.vision), "widht": 3}})
     with pytest.raises(ValueError, match="unknown tasks"):
         mtv.MTV(cfg, tasks=("clip", "segmentation"))
-    tok = mtv.build_tokenizer(cfg.text)
-    ids = tok(["ab", "é" * 200, ""])
-    assert ids.shape == (3, cfg.text.context_length) and ids.dtype == torch.int64
+    byte = mtv.build_tokenizer(mtv.TextConfig(context_length=16))
+    ids = byte(["ab", "é" * 200, ""])
+    assert ids.shape == (3, 16) and ids.dtype == torch.int64
     assert ids[0, :3].tolist() == [ord("a") + 2, ord("b") + 2, 1] and (ids[0, 3:] == 0).all()
     assert ids[1, -1] == 1 and ids[2, 0] == 1  # truncated texts still end in eos
-    assert ids.max() < cfg.text.vocab_size
+    assert ids[1, :-1].tolist() == [b + 2 for b in ("é" * 200).encode()[:15]]  # bytes, not characters
+    with pytest.raises(ValueError, match="vocab_size >= 258"):
+        mtv.build_tokenizer(mtv.TextConfig(vocab_size=100))
+
+
+def test_word_tokenizer(cfg):
+    """The tiny preset hashes words: case and spacing do not matter, punctuation marks are tokens,
+    every word of the toy world (captions and zero-shot prompts) gets its own id, and the
+    grounding names take `name_length` positions."""
+    import data
+    import evaluate
+
+    tok = mtv.build_tokenizer(cfg.text)
+    assert isinstance(tok, mtv.WordTokenizer)
+    ids = tok(["A red  cube.", "a RED cube .", "x " * 200])
+    assert ids.shape == (3, cfg.text.context_length) and ids.max() < cfg.text.vocab_size
+    assert ids[0].tolist() == ids[1].tolist()
+    assert ids[0, 4] == 1 and (ids[0, 5:] == 0).all() and len(set(ids[0, :4].tolist())) == 4
+    assert ids[2, -1] == 1 and (ids[2, :-1] == ids[2, 0]).all()  # truncated: still ends in eos
+    words = set()
+    for i in range(300):
+        words |= set(tok.pattern.findall(data.render_scene(0, i, 8)["caption"].lower()))
+    for t in evaluate.TEMPLATES:
+        words |= set(tok.pattern.findall(t.format(" ".join(data.COLORS + data.SHAPES)).lower()))
+    assert len(words) >= 45 and len({tok.encode(w)[0] for w in words}) == len(words)
+    names = data.collate([{"caption": "a red cube", "boxes": torch.zeros(1, 4), "names": ["red cube"]}], tok)
+    assert names["name_tokens"].shape == (1, tok.name_length) and tok.name_length < cfg.text.context_length
 
 
 def test_tiny_shapes(cfg):
