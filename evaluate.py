@@ -698,9 +698,8 @@ def radar(rows, names, path):
     ax.tick_params(axis="x", pad=14)  # keep the labels off the outermost polygon
     ax.set_ylim(0, 1.1)
     ax.set_yticklabels([])
-    ax.legend(loc="lower left", bbox_to_anchor=(-0.1, -0.12), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)  # below the axis labels
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
