@@ -798,14 +798,12 @@ def make_views(sample, rng, aug, tasks):
     return out
 
 
-NAME_LENGTH = 32  # token positions for an entity name, unless the tokenizer says (`name_length`)
-
-
 def collate(samples, tokenize):
     """make_views outputs -> a batch dict. Views are stacked view-major ((G * B, ...): every sample's
     view 0, then every view 1), the layout DINO's loss expects. Boxes are padded to the batch's
-    largest count; their names are tokenized in row-major order with a crc32 id each, so that equal
-    names are recognised as one class across the batch and across ranks."""
+    largest count; their names are tokenized (`tokenize.name_length` positions) in row-major order
+    with a crc32 id each, so that equal names are recognised as one class across the batch and
+    across ranks."""
     batch = {}
     for key in ("global", "local"):
         if key in samples[0]:
@@ -823,9 +821,8 @@ def collate(samples, tokenize):
             batch["boxes"][i, :len(s["boxes"])] = s["boxes"]
             batch["box_valid"][i, :len(s["boxes"])] = True
         names = [n for s in samples for n in s["names"]]
-        # entity names are short: fewer positions than the caption context (cheaper)
-        length = getattr(tokenize, "name_length", NAME_LENGTH)
-        batch["name_tokens"] = tokenize(names or [""], length=length)[: len(names)]  # (R, T')
+        # entity names are short: the tokenizer's name_length positions, not the caption context
+        batch["name_tokens"] = tokenize(names or [""], length=tokenize.name_length)[: len(names)]  # (R, T')
         batch["name_id"] = torch.tensor([zlib.crc32(n.encode()) for n in names], dtype=torch.int64)
     return batch
 

@@ -14,6 +14,9 @@ def tokenize(texts, length=None):
     return torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
 
 
+tokenize.name_length = 2
+
+
 def hand_sample():
     """16x16 image whose pixels encode their position, an 8x8 depth map (half resolution), 4 boxes."""
     y, x = np.mgrid[:16, :16]
