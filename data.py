@@ -798,6 +798,14 @@ def make_views(sample, rng, aug, tasks):
     return out
 
 
+def tokenize_names(tokenize, names):
+    """Entity names -> (len(names), tokenize.name_length) ids. Names are short, so they take the
+    tokenizer's name_length positions, not the caption context; the text tower pools the last
+    position, so a name tokenized at another length embeds differently. This is the one place
+    names are tokenized: training (collate) and evaluation (grounding) must agree."""
+    return tokenize(list(names) or [""], length=tokenize.name_length)[: len(names)]
+
+
 def collate(samples, tokenize):
     """make_views outputs -> a batch dict. Views are stacked view-major ((G * B, ...): every sample's
     view 0, then every view 1), the layout DINO's loss expects. Boxes are padded to the batch's
@@ -821,8 +829,7 @@ def collate(samples, tokenize):
             batch["boxes"][i, :len(s["boxes"])] = s["boxes"]
             batch["box_valid"][i, :len(s["boxes"])] = True
         names = [n for s in samples for n in s["names"]]
-        # entity names are short: the tokenizer's name_length positions, not the caption context
-        batch["name_tokens"] = tokenize(names or [""], length=tokenize.name_length)[: len(names)]  # (R, T')
+        batch["name_tokens"] = tokenize_names(tokenize, names)  # (R, T')
         batch["name_id"] = torch.tensor([zlib.crc32(n.encode()) for n in names], dtype=torch.int64)
     return batch
 

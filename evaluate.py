@@ -3,31 +3,58 @@
 The paper (Di, Xie, Zhai 2026, Figure 1 and Table 5) scores the image tower on ImageNet zero-shot,
 COCO retrieval, linear probing, ADE20K segmentation, NAVI/SPair correspondence, NYUv2 depth
 probing and zero-shot relative depth. The toy world has exact truth for each of these, so every
-protocol has a toy twin, all of them together a minute or two on a CPU; the same code runs on real data.
+protocol has a toy twin; at the default 2,000 scenes a tiny model is scored in about a minute on
+a CPU. The same code runs on real data.
 
-    python evaluate.py CHECKPOINT [--data GLOB] [--n N] [--out DIR] [--device DEV]
+    python evaluate.py CHECKPOINT [--data GLOB] [--n N] [--init] [--out DIR] [--device DEV]
     python evaluate.py CHECKPOINT --imagenet DIR --coco DIR --nyu DIR --ade DIR
     python evaluate.py --compare RUN_DIR ... [--out DIR]
 
-CHECKPOINT is a train.py checkpoint.pt, or a directory with a SigLIP-format model (config.json +
-weights, e.g. the released MTV weights), converted by mtv.MTV.from_siglip. Protocols that need a
-part the model lacks (text tower, depth head, grounding head) are skipped with one line saying so.
-Everything reads frozen features, extracted once per image set; probes are deterministic.
+CHECKPOINT is a train.py checkpoint.pt, or a directory with a
+SigLIP-format model (config.json + weights, e.g. the released MTV weights), converted by
+mtv.MTV.from_siglip. Protocols that need a part the model lacks (text tower, depth head,
+grounding head) are skipped with one line saying so. --init scores the same model at
+initialisation instead (same config and seed, no step taken) into <run>/eval-init: the untrained
+baseline every trained number is read against. Everything reads frozen features, extracted once
+per image set; probes are deterministic.
+
+Every number comes with a standard error (1,000 bootstrap resamples of the test scenes or
+queries; the probes are fitted once), its chance level and its ceiling at the evaluated
+resolution, measured where an oracle exists. Chance is what a model without the image gets: a
+random pick, the majority class, or for the dense probes the same probe on the patch position
+alone (in the toy world the floor's depth is a function of the image row, so position alone
+predicts much of it). Ceilings are the same protocol on perfect features (the truth per patch),
+so they show what the patch grid itself allows.
 
 Toy world (val shards with truth members gt_depth/gt/gt_seg via --data, else --n scenes rendered
-in memory with a seed training never uses), first 2/3 of the scenes train the probes:
-  zs_shape_acc, zs_color_acc     shape / colour of the largest object from prompts   ImageNet zero-shot
-  ret_{i2t,t2i}_r{1,5}           image <-> caption recall@k                          COCO retrieval
-  lin_count_acc, lin_shape_acc   logistic regression on the pooled embedding          linear probing
-  depth_probe_{rmse,absrel}      ridge on patch tokens -> log depth, upsampled         NYUv2 depth probe
-  seg_miou                       linear on patch tokens: sky/ground/object shape       ADE20K
-  corr_recall                    patch nearest neighbours across a known crop+flip     NAVI / SPair
-  zsdepth_{absrel,delta1}        depth head, scale-shift aligned in inverse depth      KITTI/NYU zero-shot
-  ground_acc, ground_name_acc    name -> its box among the image's boxes; box -> name  grounding
+in memory with a seed training never uses); the first 2/3 of the scenes train the probes, the
+last 1/3 test them; zero-shot, retrieval, correspondence and grounding use every scene:
+  zs_color_acc, zs_shape_acc   colour / shape of the object of single-object scenes from   ImageNet zero-shot
+                               prompts "a photo of a red cube." (one label per image)
+  zs_present_acc               the best prompt names an object present, 2-4-object scenes
+  ret_{i2t,t2i}_r{1,5}         image <-> caption recall@k                                  COCO retrieval
+  lin_count_acc, lin_shape_acc logistic regression on the pooled embedding: object count,  linear probing
+                               shape of the largest object
+  depth_probe_{rmse,absrel}    ridge on patch tokens -> log depth, upsampled; all pixels   NYUv2 depth probe
+  depth_probe_obj_{rmse,absrel}  the same, scored on object pixels only
+  seg_miou, seg_obj_miou       linear on patch tokens: sky/floor/object shape; mIoU over   ADE20K
+                               all 6 classes / over the 4 object shapes
+  corr_recall                  patch nearest neighbours across a known crop+flip; right    NAVI / SPair
+                               within max(0.1 x image side, one patch side)
+  zsdepth_{absrel,delta1}      depth head, scale-shift aligned in inverse depth            KITTI/NYU zero-shot
+  ground_acc, ground_name_acc  name -> its box among the image's boxes; box -> name        grounding
 
-Real data (any subset; only those run, add --data to also run the toy world):
-  --imagenet DIR  DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg (also .png/.jpeg); class names
-                  are the folder names with _ as spaces -> in_zs_acc, in_lin_acc, in_knn_acc
+Real data (any subset; only those run, add --data to also run the toy world). Images are resized
+to the model's square input without a crop (as SiglipImageProcessor), dense labels to the same
+grid (nearest) and scored there; probe splits are by sorted file name. These are our protocols,
+not the official ones (NYUv2: Eigen split with its crop at 480x640; ADE20K: official train/val
+split, 512-px sliding window): numbers are comparable between our runs, not with papers.
+  --imagenet DIR  DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg (also .png/.jpeg) ->
+                  in_zs_acc (an ensemble of 32 prompt templates), in_lin_acc, in_knn_acc.
+                  Class names: --class-names FILE, else DIR/LOC_synset_mapping.txt (both "FOLDER
+                  name, synonym, ..." per line), else for WordNet-id folders (n02123045) timm's
+                  ImageNet metadata, else the folder names with _ as spaces; a WordNet id never
+                  goes into a prompt
   --coco DIR      DIR/captions.json = {"images": [{"id", "file_name"}], "annotations":
                   [{"image_id", "caption"}]} (COCO captions format), images at DIR/file_name
                   -> coco_{i2t,t2i}_r{1,5}
@@ -36,19 +63,23 @@ Real data (any subset; only those run, add --data to also run the toy world):
                   capped at 10 m -> nyu_probe_{rmse,absrel}, nyu_zsdepth_{absrel,delta1}
   --ade DIR       DIR/images/NAME.jpg with DIR/annotations/NAME.png (8-bit class index, 0 =
                   unlabelled, as ADE20K); first 2/3 by name train the probe -> ade_miou
-Images are resized to the model's square input (as SiglipImageProcessor); dense labels are
-resized to the same grid (nearest) and scored there.
 
-Outputs: OUT/results.json (tasks, seed, flat metrics, which are lower-is-better, skipped
-protocols) and OUT/results.md; OUT defaults to <checkpoint dir>/eval. --compare reads
-RUN_DIR/eval/results.json of several train.py runs, groups runs with the same tasks (seeds) and
-writes the paper's Figure 1 layout, mean +- std over seeds, to OUT/compare.md and OUT/radar.png.
+Outputs: OUT/results.json (tasks, seed, init, flat metrics with se, chance, ceiling and n, which
+are lower-is-better, skipped protocols) and OUT/results.md; OUT defaults to <checkpoint
+dir>/eval (eval-init with --init). --compare reads RUN_DIR/eval/results.json (and
+RUN_DIR/eval-init/results.json where present) of several train.py runs, groups runs with the
+same tasks (seeds) and writes the paper's Figure 1 layout to OUT/compare.md and OUT/radar.png:
+mean +- std over seeds, chance and ceiling rows, the untrained row first, and each row's
+difference from the first trained row and from the untrained one in units of their pooled seed
+std (bold where it exceeds 2).
 """
 
 import argparse
 import glob
 import json
+import math
 import os
+import re
 import sys
 import time
 
@@ -68,16 +99,32 @@ import mtv
 
 BATCH = 64  # images per forward pass while extracting features
 TOY_SEED = 987_654  # the in-memory toy val set; train.py's toy worlds use the run seed (0, 1, ...)
-TOY_N = 600
+TOY_N = 2000  # scenes: the standard error of a 25 %-chance accuracy on the 667 probe-test scenes is ~0.017
 CORR_SEED = 1  # the crops and flips that make the second view for correspondence
-TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.")  # CLIP-style prompt ensemble
+TOY_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.")  # the toy captions' own words
+# A CLIP-style prompt ensemble for real photos (CLIP averages 80; these 32 are written for this
+# project in the same spirit: photo kinds, sizes, qualities, renderings).
+TEMPLATES = (
+    "a photo of a {}.", "a photo of the {}.", "a good photo of a {}.", "a bad photo of a {}.",
+    "a close-up photo of a {}.", "a cropped photo of a {}.", "a bright photo of a {}.",
+    "a dark photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of a {}.",
+    "a jpeg photo of a {}.", "a photo of a small {}.", "a photo of a large {}.", "a photo of one {}.",
+    "a photo of many {}.", "a photo of my {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
+    "a drawing of a {}.", "a painting of a {}.", "a sketch of a {}.", "a sculpture of a {}.",
+    "a rendering of a {}.", "a cartoon {}.", "a toy {}.", "a plastic {}.", "an origami {}.",
+    "a tattoo of a {}.", "graffiti of a {}.", "a black and white photo of a {}.", "itap of a {}.",
+    "a {} in a video game.")
 RIDGE_LAMBDA = 1e-2  # on standardised features, relative to the per-sample Gram matrix
 LOGREG_WD = 1e-3  # L2 on the weights of the logistic-regression probes
 LBFGS_STEPS = 100  # full-batch L-BFGS iterations, from zeros: the probes are deterministic
 KNN_K, KNN_T = 20, 0.07  # DINO's weighted k-NN classifier
 TOY_CAP = 20.0  # world units: the toy floor runs to the horizon, objects stand 3-8.5 units away
 NYU_CAP = 10.0  # metres, the usual NYUv2 evaluation cap
-PCK = 0.1  # correspondence is right within 10 % of the image side (PCK@0.1, as SPair)
+PCK = 0.1  # correspondence is right within 10 % of the image side (PCK@0.1, as SPair) ...
+# ... or within one patch side where that is more: patch features can only name a patch, and a
+# true match lies up to half a patch diagonal from the nearest patch centre (at 32 px with 8-px
+# patches PCK@0.1 alone caps a perfect matcher at 0.56).
+N_BOOT, BOOT_SEED = 1000, 0  # bootstrap resamples for every standard error, and their fixed seed
 LOWER_IS_BETTER = ("_rmse", "_absrel")  # metric-name endings where smaller is better
 STANDS_FOR = {  # metric-name prefix -> the paper's benchmark the protocol stands in for
     "zs_": "ImageNet zero-shot", "ret_": "COCO retrieval", "lin_": "linear probing",
@@ -85,8 +132,9 @@ STANDS_FOR = {  # metric-name prefix -> the paper's benchmark the protocol stand
     "corr_": "NAVI / SPair correspondence", "zsdepth_": "zero-shot depth (KITTI / NYU)",
     "ground_": "grounding", "in_": "ImageNet", "coco_": "COCO", "nyu_": "NYUv2", "ade_": "ADE20K"}
 KEY_METRICS = (  # Figure 1's columns, in its order, then the rest of ours
-    "zs_shape_acc", "in_zs_acc", "ret_i2t_r1", "coco_i2t_r1", "seg_miou", "ade_miou", "corr_recall",
-    "depth_probe_rmse", "nyu_probe_rmse", "zsdepth_absrel", "ground_acc", "lin_shape_acc")
+    "zs_color_acc", "zs_shape_acc", "zs_present_acc", "in_zs_acc", "ret_i2t_r1", "ret_i2t_r5", "coco_i2t_r1",
+    "seg_miou", "seg_obj_miou", "ade_miou", "corr_recall", "depth_probe_rmse", "depth_probe_obj_rmse",
+    "nyu_probe_rmse", "zsdepth_absrel", "ground_acc", "lin_shape_acc", "lin_count_acc")
 
 
 def fail(msg):
@@ -100,41 +148,96 @@ def lower_is_better(name):
 
 
 # -----------------------------------------------------------------------------------------------
-# Metrics: small pure functions on tensors, each returning a float.
+# Metrics. Every metric is a function of totals summed over test items (scenes, queries): each
+# item contributes a row of `parts`, a reducer turns the column sums into the number. That one
+# shape gives every metric its bootstrap standard error (resample the rows) at no extra pass.
 
 
-def accuracy(pred, target):
-    return (pred == target).float().mean().item()
+def ratio(t):
+    """Reducer: first total over the second (accuracy, recall, mean relative error, ...)."""
+    return t[..., 0] / t[..., 1]
 
 
-def recall_at_k(sim, positive, k):
-    """sim (Q, G) query-gallery similarities, positive (Q, G) bool. Fraction of queries with a
-    right answer among their k most similar gallery items (COCO: 5 captions per image are right)."""
+def rmse_of(t):
+    """Reducer of depth_parts: root of squared error over pixel count."""
+    return (t[..., 0] / t[..., 2]).sqrt()
+
+
+def absrel_of(t):
+    """Reducer of depth_parts (and zero_shot_depth's parts): relative error over pixel count."""
+    return t[..., 1] / t[..., 2]
+
+
+def miou_of(t, classes=None):
+    """Reducer of seg_parts: mean over classes (all, or those listed) of intersection / union over
+    the whole set (as ADE20K); classes absent from both prediction and truth do not count."""
+    C = t.shape[-1] // 2
+    inter, union = t[..., :C], t[..., C:]
+    if classes is not None:
+        inter, union = inter[..., list(classes)], union[..., list(classes)]
+    iou = inter / union.clamp(min=1e-12)
+    return torch.where(union > 0, iou, torch.nan).nanmean(-1)
+
+
+def estimate(parts, reduce=ratio, n_boot=N_BOOT, seed=BOOT_SEED):
+    """(value, standard error, n) of reduce(column sums of parts (n, k)). The error is the std of
+    the metric over n_boot resamples of the rows with replacement, with a fixed seed so that the
+    same parts always give the same error. It measures the test set's sampling noise, not the
+    noise of fitting the probe or of training (that is what seeds are for)."""
+    parts = parts.double()
+    n = len(parts)
+    value = reduce(parts.sum(0))
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (n_boot, n), generator=g)
+    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones(n_boot, n, dtype=torch.float64))  # how often each row is drawn
+    boot = reduce(counts @ parts)
+    boot = boot[torch.isfinite(boot)]
+    return float(value), float(boot.std()) if len(boot) > 1 else 0.0, n
+
+
+def hits(correct):
+    """(n,) bool -> parts of an accuracy: (hit, 1) per item."""
+    return torch.stack([correct.double(), torch.ones(len(correct), dtype=torch.float64)], 1)
+
+
+def recall_hits(sim, positive, k):
+    """sim (Q, G) query-gallery similarities, positive (Q, G) bool -> (Q,) whether a right answer
+    is among the query's k most similar gallery items (COCO: 5 captions per image are right)."""
     top = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (Q, k)
-    return positive.gather(1, top).any(1).float().mean().item()
+    return positive.gather(1, top).any(1)
 
 
-def miou(pred, target, n_classes):
-    """Mean over classes of intersection / union, accumulated over all pixels of the set (as
-    ADE20K); target -1 is ignored; classes absent from both prediction and truth do not count."""
+def recall_chance(positive, k):
+    """Expected recall@k of a random ranking: a query with m right answers among G items misses
+    them all with probability prod_j (G - m - j) / (G - j), j < k."""
+    G = positive.shape[1]
+    m = positive.sum(1, keepdim=True).double()
+    j = torch.arange(min(k, G), dtype=torch.float64)
+    return (1 - ((G - m - j).clamp(min=0) / (G - j)).prod(1)).mean().item()
+
+
+def seg_parts(pred, target, n_classes):
+    """Per image (n, 2C): each class's intersection, then its union, of pred and target (n, H, W);
+    target -1 is ignored."""
+    n = len(pred)
     keep = target >= 0
+    img = torch.arange(n)[:, None, None].expand_as(target)[keep] * n_classes
     p, t = pred[keep].long(), target[keep].long()
-    inter = torch.bincount(t[p == t], minlength=n_classes)
-    union = torch.bincount(p, minlength=n_classes) + torch.bincount(t, minlength=n_classes) - inter
-    return (inter[union > 0] / union[union > 0]).mean().item()
+    count = lambda idx: torch.bincount(idx, minlength=n * n_classes).view(n, n_classes).double()
+    inter = count(img[p == t] + t[p == t])
+    return torch.cat([inter, count(img + p) + count(img + t) - inter], 1)
 
 
-def rmse(pred, target):
-    return (pred - target).square().mean().sqrt().item()
-
-
-def absrel(pred, target):
-    return ((pred - target).abs() / target).mean().item()
-
-
-def delta1(pred, target):
-    """Fraction of pixels with max(pred/true, true/pred) < 1.25."""
-    return (torch.maximum(pred / target, target / pred) < 1.25).float().mean().item()
+def depth_parts(pred, D, cap, where=None):
+    """Per image (n, 3): squared error, relative error and pixel count of metric depth pred against
+    true depth D (n, H, W) over valid pixels (finite, > 0; and where, if given); D capped at cap."""
+    keep = torch.isfinite(D) & (D > 0)
+    if where is not None:
+        keep &= where
+    true = torch.where(keep, D.clamp(max=cap), 1.0)
+    err = torch.where(keep, pred - true, 0.0).double()
+    return torch.stack([err.square().sum((1, 2)), (err.abs() / true).sum((1, 2)), keep.sum((1, 2)).double()], 1)
 
 
 def align_scale_shift(pred, target):
@@ -145,11 +248,6 @@ def align_scale_shift(pred, target):
     pc = p - p.mean()
     s = ((pc * (y - y.mean())).sum() / (pc * pc).sum().clamp(min=1e-12)).clamp(min=0)
     return (s * pc + y.mean()).to(pred.dtype)
-
-
-def correspondence_recall(pred_xy, true_xy, threshold):
-    """Fraction of points whose predicted match lies within threshold pixels of the true one."""
-    return ((pred_xy - true_xy).norm(dim=-1) <= threshold).float().mean().item()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -193,39 +291,50 @@ def fit_logreg(X, Y, n_classes, wd=LOGREG_WD, steps=LBFGS_STEPS):
     return lambda X: norm(X) @ W + b
 
 
-def linear_probe(Xtr, ytr, Xte, yte, n_classes):
-    """Accuracy of logistic regression on frozen global embeddings (the paper's linear probing)."""
-    return accuracy(fit_logreg(Xtr, ytr, n_classes)(Xte).argmax(1), yte)
+def linear_probe(Xtr, ytr, Xte, n_classes):
+    """Predicted classes of logistic regression on frozen global embeddings (the paper's linear
+    probing), fitted on (Xtr, ytr)."""
+    return fit_logreg(Xtr, ytr, n_classes)(Xte).argmax(1)
 
 
-def knn_probe(Xtr, ytr, Xte, yte, n_classes, k=KNN_K, T=KNN_T):
-    """Accuracy of DINO's k-NN classifier: the k most cosine-similar training images vote with
-    weight exp(sim / T)."""
+def knn_probe(Xtr, ytr, Xte, n_classes, k=KNN_K, T=KNN_T):
+    """Predicted classes of DINO's k-NN classifier: the k most cosine-similar training images
+    vote with weight exp(sim / T)."""
     Xtr = F.normalize(Xtr, dim=1)
     preds = []
     for q in F.normalize(Xte, dim=1).split(1024):  # bounded memory on big validation sets
         s, i = (q @ Xtr.T).topk(min(k, len(Xtr)), dim=1)  # (q, k)
         votes = torch.zeros(len(q), n_classes).scatter_add_(1, ytr[i], (s / T).exp())
         preds.append(votes.argmax(1))
-    return accuracy(torch.cat(preds), yte)
+    return torch.cat(preds)
+
+
+def majority_chance(ytr, yte):
+    """Accuracy of always answering the training set's most common class: a classifier's floor."""
+    return (yte == torch.bincount(ytr).argmax()).float().mean().item()
+
+
+def patch_log_depth(D, grid, cap):
+    """(n, h, w) mean log depth of each patch's valid pixels (capped at cap) and (n, h, w) the
+    valid share of each patch: the depth probe's regression target."""
+    valid = torch.isfinite(D) & (D > 0)
+    logd = torch.where(valid, D.clamp(max=cap).log(), 0.0)[:, None]  # (n, 1, H, W)
+    frac = F.adaptive_avg_pool2d(valid[:, None].float(), grid)[:, 0]
+    return F.adaptive_avg_pool2d(logd, grid)[:, 0] / frac.clamp(min=1e-6), frac
 
 
 def depth_probe(Ptr, Dtr, Pte, Dte, cap):
     """Metric depth from frozen patch tokens, as DINOv2's linear NYUv2 protocol: every patch token
     (P: (n, h, w, W)) regresses the mean log depth of its pixels (ridge), the grid of predictions is
     upsampled bilinearly to the pixels of D (n, H, W). Invalid pixels (sky = inf, missing = 0) are
-    left out of targets and scores; depth is capped at cap. Returns {"rmse", "absrel"}."""
+    left out of the targets; depth is capped at cap. Returns the predicted depth (n_te, H, W),
+    scored by depth_parts."""
     h, w = Ptr.shape[1:3]
-    valid = torch.isfinite(Dtr) & (Dtr > 0)
-    logd = torch.where(valid, Dtr.clamp(max=cap).log(), 0.0)[:, None]  # (n, 1, H, W)
-    frac = F.adaptive_avg_pool2d(valid[:, None].float(), (h, w)).flatten()  # valid share per patch
-    y = F.adaptive_avg_pool2d(logd, (h, w)).flatten() / frac.clamp(min=1e-6)
-    probe = fit_ridge(Ptr.flatten(0, 2)[frac > 0], y[frac > 0, None])
+    y, frac = patch_log_depth(Dtr, (h, w), cap)
+    keep = frac.flatten() > 0
+    probe = fit_ridge(Ptr.flatten(0, 2)[keep], y.flatten()[keep, None])
     pred = rearrange(probe(Pte.flatten(0, 2)), "(n h w) 1 -> n 1 h w", h=h, w=w)
-    pred = F.interpolate(pred, size=Dte.shape[1:], mode="bilinear")[:, 0].exp().clamp(max=cap)
-    keep = torch.isfinite(Dte) & (Dte > 0)
-    true = Dte.clamp(max=cap)
-    return {"rmse": rmse(pred[keep], true[keep]), "absrel": absrel(pred[keep], true[keep])}
+    return F.interpolate(pred, size=Dte.shape[1:], mode="bilinear")[:, 0].exp().clamp(max=cap)
 
 
 def patch_class_fractions(L, grid, n_classes):
@@ -241,9 +350,9 @@ def patch_class_fractions(L, grid, n_classes):
 
 
 def seg_probe(Ptr, Ltr, Pte, Lte, n_classes):
-    """mIoU of a linear classifier on frozen patch tokens P (n, h, w, W), as DINOv2's linear ADE20K
+    """A linear classifier on frozen patch tokens P (n, h, w, W), as DINOv2's linear ADE20K
     protocol: trained on each patch's class fractions, its logits upsampled bilinearly to the
-    pixels of L (n, H, W); L = -1 is ignored."""
+    pixels of L (n, H, W); L = -1 is ignored. Returns the predicted classes (n_te, H, W)."""
     h, w = Ptr.shape[1:3]
     target, keep = patch_class_fractions(Ltr, (h, w), n_classes)
     probe = fit_logreg(Ptr.flatten(0, 2)[keep], target[keep], n_classes)
@@ -251,35 +360,52 @@ def seg_probe(Ptr, Ltr, Pte, Lte, n_classes):
     for P in Pte.split(16):  # (16, C, H, W) logits at a time: ADE20K has 150 classes
         logits = rearrange(probe(P.flatten(0, 2)), "(n h w) c -> n c h w", h=h, w=w)
         preds.append(F.interpolate(logits, size=Lte.shape[1:], mode="bilinear").argmax(1))
-    return miou(torch.cat(preds), Lte, n_classes)
+    return torch.cat(preds)
+
+
+def position_features(n, h, w):
+    """(n, h, w, h*w) one-hot patch positions: a probe on these sees where a patch is and nothing of
+    the image, so it scores what the camera alone predicts (the dense probes' chance level)."""
+    return torch.eye(h * w).view(1, h, w, h * w).expand(n, -1, -1, -1)
 
 
 def zero_shot_depth(pred_inv, D, cap):
-    """AbsRel and delta1 of relative inverse depth pred_inv (n, H, W) against true depth D, after a
-    per-image least-squares scale and shift in inverse-depth space (the MiDaS / Depth Anything
-    zero-shot protocol); invalid pixels are skipped, depth capped at cap."""
-    preds, trues = [], []
+    """Per image (n, 3) parts [delta1 hits, relative error, pixel count] of relative inverse depth
+    pred_inv (n, H, W) against true depth D, after a per-image least-squares scale and shift in
+    inverse-depth space (the MiDaS / Depth Anything zero-shot protocol); invalid pixels are
+    skipped, depth capped at cap. Reduce with absrel_of or delta1_of."""
+    rows = []
     for p, d in zip(pred_inv, D):
         keep = torch.isfinite(d) & (d > 0)
-        true = d[keep].clamp(max=cap)
-        inv = align_scale_shift(p[keep].float(), 1 / true)
-        preds.append(1 / inv.clamp(min=1 / cap))
-        trues.append(true)
-    pred, true = torch.cat(preds), torch.cat(trues)
-    return {"absrel": absrel(pred, true), "delta1": delta1(pred, true)}
+        true = d[keep].clamp(max=cap).double()
+        pred = 1 / align_scale_shift(p[keep].double(), 1 / true).clamp(min=1 / cap)
+        rows.append(torch.stack([(torch.maximum(pred / true, true / pred) < 1.25).sum().double(),
+                                 ((pred - true).abs() / true).sum(),
+                                 torch.tensor(float(keep.sum()), dtype=torch.float64)]))
+    return torch.stack(rows)
+
+
+def delta1_of(t):
+    """Reducer of zero_shot_depth's parts: share of pixels within a factor 1.25 of the truth."""
+    return t[..., 0] / t[..., 2]
 
 
 # -----------------------------------------------------------------------------------------------
 # Models and frozen features
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, init=False):
     """(model, seed): a train.py checkpoint, or a SigLIP-format directory (config.json + weights),
-    converted with only the vision-language task: it has no trained depth or grounding head."""
+    converted with only the vision-language task: it has no trained depth or grounding head. With
+    init, the checkpoint's model as train.py built it before its first step (same config, seed)."""
     if os.path.isdir(path):
+        if os.path.isfile(run_ckpt := os.path.join(path, "checkpoint.pt")):
+            fail(f"{path} is a train.py run folder; give its checkpoint: {run_ckpt}")
         if not os.path.isfile(os.path.join(path, "config.json")):
             fail(f"{path} is a directory without config.json; give a train.py checkpoint.pt or a "
                  "SigLIP model directory")
+        if init:
+            fail("--init needs a train.py checkpoint (it holds the seed the run started from)")
         try:
             return mtv.MTV.from_siglip(path), None
         except Exception as e:  # transformers raises many kinds on a directory that is no SigLIP model
@@ -291,7 +417,12 @@ def load_checkpoint(path):
     except Exception as e:  # torch.load raises many kinds on a file that is no checkpoint
         fail(f"cannot load {path} as an mtv checkpoint ({type(e).__name__}: {e})")
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no second copy in memory
-    return model, (ckpt.get("train_config") or {}).get("seed")
+    seed = (ckpt.get("train_config") or {}).get("seed")
+    if init:
+        if seed is None:
+            fail(f"--init: {path} does not record the seed its run started from")
+        model = mtv.MTV.initialised(model.cfg, model.tasks, seed)
+    return model, seed
 
 
 def to_input(images, device):
@@ -322,15 +453,22 @@ def extract(model, items, want, device, desc, load=None):
 
 @torch.no_grad()
 def embed_text(model, texts, device):
-    """(n, D) normalised text embeddings, 256 texts per pass."""
+    """(n, D) normalised text embeddings of captions or prompts (the caption context), 256 per pass."""
     return torch.cat([model.encode_text(model.tokenize(list(texts[i:i + 256])).to(device)).float().cpu()
                       for i in range(0, len(texts), 256)])
 
 
-def embed_classes(model, names, device):
+@torch.no_grad()
+def embed_names(model, names, device):
+    """(n, D) normalised text embeddings of entity names, tokenized exactly as training tokenizes
+    them (data.tokenize_names: the tokenizer's name_length positions, not the caption context)."""
+    return model.encode_text(data.tokenize_names(model.tokenize, names).to(device)).float().cpu()
+
+
+def embed_classes(model, names, device, templates=TEMPLATES):
     """(C, D): each class is the mean of its prompts' embeddings, renormalised (CLIP's ensembling)."""
-    e = embed_text(model, [t.format(n) for n in names for t in TEMPLATES], device)
-    return F.normalize(e.view(len(names), len(TEMPLATES), -1).mean(1), dim=-1)
+    e = embed_text(model, [t.format(n) for n in names for t in templates], device)
+    return F.normalize(e.view(len(names), len(templates), -1).mean(1), dim=-1)
 
 
 @torch.no_grad()
@@ -364,35 +502,84 @@ def second_view(image, rng):
     return np.ascontiguousarray(view[:, ::-1] if flip else view), (x0, y0, c, flip)
 
 
-def correspondence(Pa, Pb, warps, seg, size):
-    """Every patch of view B that shows an object finds its nearest neighbour (cosine) among view
-    A's patches (Pa, Pb: (n, h, w, W)); it is right if that patch's centre lies within PCK * size
-    pixels of the point the B patch's centre came from (seg (n, S, S) instance map of view A)."""
-    n, h, w, _ = Pa.shape
+def corr_threshold(size, patch):
+    """Pixels within which a match counts: PCK@0.1 of the image side, or one patch side if more."""
+    return max(PCK * size, patch)
+
+
+def match_geometry(warps, seg, size, grid):
+    """Where each patch centre of view B came from in view A. Returns centres (N, 2) of the patch
+    grid in pixels (x, y), true (n, N, 2) the source points in A, and on_object (n, N): whether
+    that point shows an object in A (seg (n, S, S) instance ids; only those are scored)."""
+    h, w = grid
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    centres = (torch.stack([cols, rows], -1).flatten(0, 1) + 0.5) * size / w  # (N, 2) x, y in pixels
-    sim = F.normalize(Pb.flatten(1, 2), dim=-1) @ F.normalize(Pa.flatten(1, 2), dim=-1).transpose(1, 2)
-    pred = centres[sim.argmax(2)]  # (n, N, 2): where in A each B patch is matched
+    centres = (torch.stack([cols, rows], -1).flatten(0, 1) + 0.5) * size / w  # (N, 2)
     true = torch.stack([torch.stack([x0 + (size - centres[:, 0] if flip else centres[:, 0]) * c / size,
                                      y0 + centres[:, 1] * c / size], -1)
                         for x0, y0, c, flip in warps])  # (n, N, 2)
-    on_object = seg[torch.arange(n)[:, None], true[..., 1].long(), true[..., 0].long()] >= 2
-    return correspondence_recall(pred[on_object], true[on_object], PCK * size)
+    on_object = seg[torch.arange(len(warps))[:, None], true[..., 1].long(), true[..., 0].long()] >= 2
+    return centres, true, on_object
+
+
+def correspondence(Pa, Pb, warps, seg, size, patch):
+    """Every patch of view B that shows an object finds its nearest neighbour (cosine) among view
+    A's patches (Pa, Pb: (n, h, w, W)); it is right if that patch's centre lies within
+    corr_threshold pixels of the point the B patch's centre came from. Returns per image (n, 2)
+    parts [right, scored] for the model, for chance (a uniformly random patch of A: the share of
+    A's centres within the threshold) and for the ceiling (the A patch nearest the true point,
+    what perfect patch features pick), as a dict."""
+    centres, true, on_object = match_geometry(warps, seg, size, Pa.shape[1:3])
+    thr = corr_threshold(size, patch)
+    sim = F.normalize(Pb.flatten(1, 2), dim=-1) @ F.normalize(Pa.flatten(1, 2), dim=-1).transpose(1, 2)
+    dist = (true[:, :, None] - centres).norm(dim=-1)  # (n, N, N): B patch -> every A centre
+    right = {"model": dist.gather(2, sim.argmax(2, keepdim=True))[..., 0] <= thr,
+             "chance": (dist <= thr).double().mean(2), "ceiling": dist.min(2).values <= thr}
+    scored = on_object.double()
+    return {k: torch.stack([(v.double() * scored).sum(1), scored.sum(1)], 1) for k, v in right.items()}
 
 
 def grounding(regions, names, vocab_emb, vocab):
     """regions: per image (M_i, D) embeddings of its true boxes; names: per image the boxes' names;
     vocab_emb (V, D) text embeddings of vocab, every name in the set. Entity -> region: each name
     picks one of its image's boxes (counted where the image holds a box of another name, else any
-    pick is right); region -> name: each box picks one name of the whole vocabulary."""
+    pick is right); region -> name: each box picks one name of the whole vocabulary. Returns per
+    image (n, 2) parts [right, counted] of "acc", "name_acc" and "acc_chance" (a random box)."""
     index = {n: i for i, n in enumerate(vocab)}
-    entity, region = [], []
+    out = {"acc": [], "name_acc": [], "acc_chance": []}
     for R, nm in zip(regions, names):
         ids = torch.tensor([index[n] for n in nm])  # (M,)
         pick = (vocab_emb[ids] @ R.T).argmax(1)  # (M,) the box each name chooses
-        entity.append((ids[pick] == ids)[(ids[None] != ids[:, None]).any(1)])
-        region.append((R @ vocab_emb.T).argmax(1) == ids)
-    return {"acc": torch.cat(entity).float().mean().item(), "name_acc": torch.cat(region).float().mean().item()}
+        counted = (ids[None] != ids[:, None]).any(1)
+        out["acc"].append([float((ids[pick] == ids)[counted].sum()), float(counted.sum())])
+        out["acc_chance"].append([float(counted.sum()) / len(ids), float(counted.sum())])
+        out["name_acc"].append([float(((R @ vocab_emb.T).argmax(1) == ids).sum()), float(len(ids))])
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+
+
+def zero_shot(img, class_emb, scenes):
+    """The toy twin of one-label ImageNet zero-shot. img (n, D) image embeddings, class_emb (32, D)
+    prompt embeddings of every "colour shape" name (data.SHAPES-major, as toy_names). Single-object
+    scenes score the colour and the shape of the best prompt (ceiling 1); scenes with 2-4 objects
+    count the best prompt right when it names any object present (ceiling 1). Returns parts
+    (hits) per metric and each metric's chance."""
+    pred = (img @ class_emb.T).argmax(1)
+    present = [{data.SHAPES.index(o["shape"]) * len(data.COLORS) + data.COLORS.index(o["color"])
+                for o in s["objects"]} for s in scenes]
+    single = torch.tensor([len(p) == 1 for p in present])
+    truth = torch.tensor([min(p) for p in present])  # the single object's name (any one elsewhere)
+    ok = torch.tensor([int(k) in p for k, p in zip(pred, present)])
+    C = len(data.COLORS)
+    parts = {"zs_color_acc": hits((pred % C == truth % C)[single]),
+             "zs_shape_acc": hits((pred // C == truth // C)[single]),
+             "zs_present_acc": hits(ok[~single])}
+    chance = {"zs_color_acc": 1 / C, "zs_shape_acc": 1 / len(data.SHAPES),
+              "zs_present_acc": float(np.mean([len(p) for p, s in zip(present, single) if not s])) / len(class_emb)}
+    return parts, chance
+
+
+def toy_names():
+    """Every entity name of the toy world, shape-major: "red cube", "orange cube", ..."""
+    return [f"{c} {s}" for s in data.SHAPES for c in data.COLORS]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -434,29 +621,40 @@ def load_toy_shards(pattern, n, size):
     return scenes
 
 
+class Scores:
+    """Metrics as they are measured: value, standard error, item count, chance and ceiling."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def add(self, name, parts, reduce=ratio, chance=None, ceiling=None):
+        value, se, n = estimate(parts, reduce)
+        as_float = lambda v: None if v is None else float(v if not torch.is_tensor(v) else reduce(v.sum(0)))
+        self.rows[name] = {"value": value, "se": se, "n": n, "chance": as_float(chance),
+                           "ceiling": as_float(ceiling)}
+
+
 def toy_suite(model, scenes, device, skip):
-    """Every toy-world protocol on scenes (render_scene dicts at the model's input size)."""
-    S, n = model.cfg.vision.image_size, len(scenes)
+    """Every toy-world protocol on scenes (render_scene dicts at the model's input size) -> Scores."""
+    S, n, patch = model.cfg.vision.image_size, len(scenes), model.cfg.vision.patch_size
     tr = 2 * n // 3  # the first 2/3 of the scenes train the probes, the rest test them
     images = [s["image"] for s in scenes]
     depth = torch.from_numpy(np.stack([s["depth"] for s in scenes]))  # (n, S, S), sky = inf
     seg = torch.from_numpy(np.stack([s["seg"] for s in scenes])).long()  # (n, S, S) instance ids
     largest = [max(s["objects"], key=lambda o: o["area"]) for s in scenes]
     shape = torch.tensor([data.SHAPES.index(o["shape"]) for o in largest])
-    color = torch.tensor([data.COLORS.index(o["color"]) for o in largest])
     count = torch.tensor([s["count"] for s in scenes])
-    names = [f"{c} {s}" for s in data.SHAPES for c in data.COLORS]  # every entity name: "red cube", ...
+    names = toy_names()
     has_text = hasattr(model, "text")  # built for clip or ground
     want = ("pooled", "patch") + ("img",) * has_text + ("depth",) * ("depth" in model.tasks)
     a = extract(model, images, want, device, "toy features")
-    m = {}
+    m = Scores()
 
-    # [<-> ImageNet zero-shot] the prompt "a photo of a red cube." that fits the image best names
-    # the shape and colour of its largest object.
     if has_text:
-        pred = (a["img"] @ embed_classes(model, names, device).T).argmax(1)
-        m["zs_shape_acc"] = accuracy(pred // len(data.COLORS), shape)
-        m["zs_color_acc"] = accuracy(pred % len(data.COLORS), color)
+        # [<-> ImageNet zero-shot] the prompt "a photo of a red cube." that fits the image best.
+        parts, chance = zero_shot(a["img"], embed_classes(model, names, device, TOY_TEMPLATES), scenes)
+        for k, p in parts.items():
+            m.add(k, p, chance=chance[k], ceiling=1.0)
         # [<-> COCO retrieval] each scene's caption among all captions and back; the toy world
         # repeats some captions word for word, and a repeat counts as the right one.
         captions = [s["caption"] for s in scenes]
@@ -466,44 +664,74 @@ def toy_suite(model, scenes, device, skip):
         sim = a["img"] @ embed_text(model, captions, device).T  # (images, captions)
         for way, scores in (("i2t", sim), ("t2i", sim.T)):
             for k in (1, 5):
-                m[f"ret_{way}_r{k}"] = recall_at_k(scores, same, k)
+                m.add(f"ret_{way}_r{k}", hits(recall_hits(scores, same, k)), chance=recall_chance(same, k),
+                      ceiling=1.0)
     else:
         skip("zero-shot classification and retrieval: the model has no text tower")
 
     # [<-> linear probing] how many objects, and the largest one's shape, from the global embedding.
     X = a["pooled"]
-    m["lin_count_acc"] = linear_probe(X[:tr], count[:tr], X[tr:], count[tr:], int(count.max()) + 1)
-    m["lin_shape_acc"] = linear_probe(X[:tr], shape[:tr], X[tr:], shape[tr:], len(data.SHAPES))
+    for key, y in (("lin_count_acc", count), ("lin_shape_acc", shape)):
+        pred = linear_probe(X[:tr], y[:tr], X[tr:], int(y.max()) + 1)
+        m.add(key, hits(pred == y[tr:]), chance=majority_chance(y[:tr], y[tr:]), ceiling=1.0)
 
     # [<-> NYUv2 depth probe] metric depth from patch tokens; capped at TOY_CAP, the sky left out.
-    P = a["patch"]
-    d = depth_probe(P[:tr], depth[:tr], P[tr:], depth[tr:], TOY_CAP)
-    m["depth_probe_rmse"], m["depth_probe_absrel"] = d["rmse"], d["absrel"]
+    # Chance: the same probe on the patch position alone; ceiling: on each patch's true mean log
+    # depth (what the patch grid and the bilinear upsampling allow).
+    P, Dtr, Dte = a["patch"], depth[:tr], depth[tr:]
+    h, w = P.shape[1:3]
+    logd, frac = patch_log_depth(depth, (h, w), TOY_CAP)
+    truth = torch.where(frac > 0, logd, math.log(TOY_CAP))[..., None]  # (n, h, w, 1); all-sky patches: far
+    obj = seg[tr:] >= 2
+    pred = {label: depth_probe(F_[:tr], Dtr, F_[tr:], Dte, TOY_CAP)
+            for label, F_ in (("model", P), ("chance", position_features(n, h, w)), ("ceiling", truth))}
+    for sub, where in (("", None), ("obj_", obj)):
+        parts = {label: depth_parts(p, Dte, TOY_CAP, where) for label, p in pred.items()}
+        for metric, reduce in (("rmse", rmse_of), ("absrel", absrel_of)):
+            m.add(f"depth_probe_{sub}{metric}", parts["model"], reduce, chance=parts["chance"],
+                  ceiling=parts["ceiling"])
 
-    # [<-> ADE20K] semantic classes per pixel: sky, floor, and each object's shape.
+    # [<-> ADE20K] semantic classes per pixel: sky, floor, and each object's shape; mIoU over all
+    # classes and over the four object shapes (the scene, not the camera). Same chance and ceiling
+    # construction as the depth probe (ceiling: the patch's true class fractions as features).
+    C = 2 + len(data.SHAPES)
     lut = [torch.tensor([0, 1] + [2 + data.SHAPES.index(o["shape"]) for o in s["objects"]]) for s in scenes]
     labels = torch.stack([t[g] for t, g in zip(lut, seg)])  # (n, S, S)
-    m["seg_miou"] = seg_probe(P[:tr], labels[:tr], P[tr:], labels[tr:], 2 + len(data.SHAPES))
+    fractions = patch_class_fractions(labels, (h, w), C)[0].view(n, h, w, C)
+    seg_p = {label: seg_parts(seg_probe(F_[:tr], labels[:tr], F_[tr:], labels[tr:], C), labels[tr:], C)
+             for label, F_ in (("model", P), ("chance", position_features(n, h, w)), ("ceiling", fractions))}
+    for key, classes in (("seg_miou", None), ("seg_obj_miou", range(2, C))):
+        reduce = lambda t, classes=classes: miou_of(t, classes)
+        m.add(key, seg_p["model"], reduce, chance=seg_p["chance"], ceiling=seg_p["ceiling"])
 
     # [<-> NAVI / SPair] dense matches between each scene and a known crop + flip of it.
     views, warps = zip(*(second_view(im, np.random.default_rng([CORR_SEED, i])) for i, im in enumerate(images)))
     b = extract(model, list(views), ("patch",), device, "toy second views")
-    m["corr_recall"] = correspondence(P, b["patch"], warps, seg, S)
+    c = correspondence(P, b["patch"], warps, seg, S, patch)
+    m.add("corr_recall", c["model"], chance=c["chance"], ceiling=c["ceiling"])
 
-    # [<-> KITTI / NYU zero-shot depth] the depth head's output, aligned per image.
+    # [<-> KITTI / NYU zero-shot depth] the depth head's output, aligned per image. Chance: the
+    # mean inverse-depth map of the set for every image (where things usually are); ceiling: the
+    # true inverse depth.
     if "depth" in model.tasks:
-        z = zero_shot_depth(a["depth"], depth, TOY_CAP)
-        m["zsdepth_absrel"], m["zsdepth_delta1"] = z["absrel"], z["delta1"]
+        inv = 1 / depth.clamp(max=TOY_CAP)  # as scored: depth capped, the sky (never scored) at the cap
+        prior = inv.mean(0, keepdim=True).expand_as(inv)
+        z = {k: zero_shot_depth(v, depth, TOY_CAP) for k, v in (("model", a["depth"]), ("chance", prior),
+                                                               ("ceiling", inv))}
+        for key, reduce in (("zsdepth_absrel", absrel_of), ("zsdepth_delta1", delta1_of)):
+            m.add(key, z["model"], reduce, chance=z["chance"], ceiling=z["ceiling"])
     else:
         skip("zero-shot depth: the model has no depth head")
 
-    # Grounding: region embeddings of the true boxes against the entity names' text embeddings.
+    # Grounding: region embeddings of the true boxes against the entity names' text embeddings,
+    # names tokenized as in training.
     if "ground" in model.tasks:
         boxes = [torch.tensor([o["box"] for o in s["objects"]], dtype=torch.float32) for s in scenes]
         box_names = [[o["name"] for o in s["objects"]] for s in scenes]
         regions = embed_boxes(model, images, boxes, device)
-        g = grounding(regions, box_names, embed_text(model, names, device), names)
-        m["ground_acc"], m["ground_name_acc"] = g["acc"], g["name_acc"]
+        g = grounding(regions, box_names, embed_names(model, names, device), names)
+        m.add("ground_acc", g["acc"], chance=g["acc_chance"], ceiling=1.0)
+        m.add("ground_name_acc", g["name_acc"], chance=1 / len(names), ceiling=1.0)
     else:
         skip("grounding: the model has no grounding head")
     return m
@@ -538,12 +766,62 @@ def need_dir(path, flag):
         fail(f"{flag} {path} is not a directory; see --help for the layout it expects")
 
 
-def imagenet_suite(model, root, device, skip):
-    """[<-> ImageNet] zero-shot from folder names, logistic regression and k-NN from train to val."""
+WNID = re.compile(r"n\d{8}")  # WordNet synset ids, the folder names of the standard ImageNet layout
+
+
+def read_synset_mapping(path):
+    """LOC_synset_mapping.txt layout: "FOLDER name, synonym, ..." per line -> {FOLDER: name}."""
+    names = {}
+    with open(path) as f:
+        for line in f:
+            key, _, rest = line.strip().partition(" ")
+            if key and rest:
+                names[key] = rest.split(",")[0].strip()
+    return names
+
+
+def imagenet_class_names(root, folders, names_file=None):
+    """Human-readable class names for ImageNet class folders, in order; never a WordNet id. From
+    --class-names, else ROOT/LOC_synset_mapping.txt (Kaggle's ImageNet layout), else, where the
+    folders are WordNet ids, timm's ImageNet metadata (the first lemma of each synset: timm is
+    maintained and maps all 21k ImageNet synsets, open_clip's curated list only the 1k classes by
+    index), else the folder names with _ as spaces."""
+    mapping = None
+    for path in (names_file, os.path.join(root, "LOC_synset_mapping.txt")):
+        if path and os.path.isfile(path):
+            mapping = read_synset_mapping(path)
+            break
+        if path == names_file and path:
+            fail(f"--class-names {path} does not exist")
+    if mapping is None and any(WNID.fullmatch(c) for c in folders):
+        try:
+            from timm.data import ImageNetInfo
+        except ImportError:
+            fail(f"--imagenet {root}: class folders are WordNet ids ({folders[0]}, ...) and no names were "
+                 "found; give --class-names FILE ('FOLDER name' per line, as LOC_synset_mapping.txt) or "
+                 "pip install timm")
+        info = ImageNetInfo()
+        mapping = {}
+        for c in folders:
+            try:
+                mapping[c] = info.label_name_to_description(c).split(",")[0].strip()
+            except (KeyError, ValueError, IndexError):
+                pass
+    names = [(mapping or {}).get(c, c).replace("_", " ") for c in folders]
+    if unnamed := [c for c, nm in zip(folders, names) if WNID.fullmatch(nm)]:
+        fail(f"--imagenet {root}: no class name for {unnamed[0]} ({len(unnamed)} unnamed); add it to "
+             "--class-names FILE ('FOLDER name' per line)")
+    return names
+
+
+def imagenet_suite(model, root, device, skip, names_file=None):
+    """[<-> ImageNet] zero-shot from class names with a prompt ensemble, logistic regression and
+    k-NN from train to val."""
     for split in ("train", "val"):
         need_dir(os.path.join(root, split), "--imagenet")
     classes = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
-    S, m = model.cfg.vision.image_size, {}
+    names = imagenet_class_names(root, classes, names_file) if hasattr(model, "text") else classes
+    S, m = model.cfg.vision.image_size, Scores()
     feats, labels = {}, {}
     for split in ("train", "val"):
         items = [(f, k) for k, c in enumerate(classes) for f in image_files(os.path.join(root, split, c))]
@@ -553,22 +831,25 @@ def imagenet_suite(model, root, device, skip):
         feats[split] = extract(model, [f for f, _ in items], want, device, f"imagenet {split}",
                                lambda f: load_image(f, S))
         labels[split] = torch.tensor([k for _, k in items])
-    tr, va = feats["train"]["pooled"], feats["val"]["pooled"]
-    m["in_lin_acc"] = linear_probe(tr, labels["train"], va, labels["val"], len(classes))
-    m["in_knn_acc"] = knn_probe(tr, labels["train"], va, labels["val"], len(classes))
+    tr, va, ytr, yva = feats["train"]["pooled"], feats["val"]["pooled"], labels["train"], labels["val"]
+    chance = majority_chance(ytr, yva)
+    m.add("in_lin_acc", hits(linear_probe(tr, ytr, va, len(classes)) == yva), chance=chance, ceiling=1.0)
+    m.add("in_knn_acc", hits(knn_probe(tr, ytr, va, len(classes)) == yva), chance=chance, ceiling=1.0)
     if hasattr(model, "text"):
-        text = embed_classes(model, [c.replace("_", " ") for c in classes], device)
-        m["in_zs_acc"] = accuracy((feats["val"]["img"] @ text.T).argmax(1), labels["val"])
+        text = embed_classes(model, names, device)
+        m.add("in_zs_acc", hits((feats["val"]["img"] @ text.T).argmax(1) == yva), chance=1 / len(classes),
+              ceiling=1.0)
     else:
         skip("ImageNet zero-shot: the model has no text tower")
     return m
 
 
-def coco_suite(model, root, device, skip):
+def coco_suite(model, root, device, skip, names_file=None):
     """[<-> COCO retrieval] every image against every caption (5 per image in COCO), both ways."""
+    m = Scores()
     if not hasattr(model, "text"):
         skip("COCO retrieval: the model has no text tower")
-        return {}
+        return m
     path = os.path.join(root, "captions.json")
     try:
         with open(path) as f:
@@ -585,8 +866,10 @@ def coco_suite(model, root, device, skip):
     img = extract(model, files, ("img",), device, "coco images", lambda f: load_image(f, S))["img"]
     sim = img @ embed_text(model, captions, device).T  # (images, captions)
     right = torch.arange(len(files))[:, None] == owner[None]  # (images, captions)
-    return {f"coco_{way}_r{k}": recall_at_k(scores, r, k)
-            for way, scores, r in (("i2t", sim, right), ("t2i", sim.T, right.T)) for k in (1, 5)}
+    for way, scores, r in (("i2t", sim, right), ("t2i", sim.T, right.T)):
+        for k in (1, 5):
+            m.add(f"coco_{way}_r{k}", hits(recall_hits(scores, r, k)), chance=recall_chance(r, k), ceiling=1.0)
+    return m
 
 
 def pairs(files, suffixes, flag):
@@ -614,34 +897,39 @@ def read_depth(path):
         return np.asarray(im).astype(np.float32) / 1000
 
 
-def nyu_suite(model, root, device, skip):
+def nyu_suite(model, root, device, skip, names_file=None):
     """[<-> NYUv2] the linear depth probe (first 2/3 by name train) and zero-shot relative depth."""
     need_dir(root, "--nyu")
     files = [f for f in image_files(root) if not os.path.splitext(f)[0].endswith("_depth")]
     if len(files) < 3:
         fail(f"--nyu {root}: needs at least 3 image/depth pairs, found {len(files)}")
-    S, tr = model.cfg.vision.image_size, 2 * len(files) // 3
+    S, tr, m = model.cfg.vision.image_size, 2 * len(files) // 3, Scores()
     truth = pairs(files, ("_depth.png", "_depth.npy"), "--nyu")
     depth = torch.stack([resize_nearest(read_depth(p), S) for p in truth])  # (n, S, S) metres, 0 = missing
     want = ("patch",) + ("depth",) * ("depth" in model.tasks)
     f = extract(model, files, want, device, "nyu images", lambda p: load_image(p, S))
-    d = depth_probe(f["patch"][:tr], depth[:tr], f["patch"][tr:], depth[tr:], NYU_CAP)
-    m = {"nyu_probe_rmse": d["rmse"], "nyu_probe_absrel": d["absrel"]}
+    P = f["patch"]
+    chance = position_features(len(files), *P.shape[1:3])
+    parts = {k: depth_parts(depth_probe(F_[:tr], depth[:tr], F_[tr:], depth[tr:], NYU_CAP), depth[tr:], NYU_CAP)
+             for k, F_ in (("model", P), ("chance", chance))}
+    for key, reduce in (("nyu_probe_rmse", rmse_of), ("nyu_probe_absrel", absrel_of)):
+        m.add(key, parts["model"], reduce, chance=parts["chance"])
     if "depth" in model.tasks:
         z = zero_shot_depth(f["depth"], depth, NYU_CAP)
-        m["nyu_zsdepth_absrel"], m["nyu_zsdepth_delta1"] = z["absrel"], z["delta1"]
+        m.add("nyu_zsdepth_absrel", z, absrel_of, ceiling=0.0)
+        m.add("nyu_zsdepth_delta1", z, delta1_of, ceiling=1.0)
     else:
         skip("NYUv2 zero-shot depth: the model has no depth head")
     return m
 
 
-def ade_suite(model, root, device, skip):
+def ade_suite(model, root, device, skip, names_file=None):
     """[<-> ADE20K] the linear segmentation probe (first 2/3 by name train); label 0 is ignored."""
     need_dir(os.path.join(root, "images"), "--ade")
     files = image_files(os.path.join(root, "images"))
     if len(files) < 3:
         fail(f"--ade {root}: needs at least 3 images in images/, found {len(files)}")
-    S, tr = model.cfg.vision.image_size, 2 * len(files) // 3
+    S, tr, m = model.cfg.vision.image_size, 2 * len(files) // 3, Scores()
     ann = [os.path.join(root, "annotations", os.path.splitext(os.path.basename(f))[0] + ".png") for f in files]
     if missing := [a for a in ann if not os.path.isfile(a)]:
         fail(f"--ade {root}: annotation {missing[0]} is missing")
@@ -649,7 +937,11 @@ def ade_suite(model, root, device, skip):
     if labels.max() < 0:
         fail(f"--ade {root}: every annotation pixel is 0 (unlabelled)")
     P = extract(model, files, ("patch",), device, "ade images", lambda p: load_image(p, S))["patch"]
-    return {"ade_miou": seg_probe(P[:tr], labels[:tr], P[tr:], labels[tr:], int(labels.max()) + 1)}
+    C = int(labels.max()) + 1
+    parts = {k: seg_parts(seg_probe(F_[:tr], labels[:tr], F_[tr:], labels[tr:], C), labels[tr:], C)
+             for k, F_ in (("model", P), ("chance", position_features(len(files), *P.shape[1:3])))}
+    m.add("ade_miou", parts["model"], miou_of, chance=parts["chance"])
+    return m
 
 
 SUITES = {"imagenet": imagenet_suite, "coco": coco_suite, "nyu": nyu_suite, "ade": ade_suite}
@@ -667,75 +959,162 @@ def stands_for(name):
     return next(v for k, v in STANDS_FOR.items() if name.startswith(k))
 
 
+def fmt(v):
+    return "–" if v is None else f"{v:.3f}"
+
+
 def write_results(out, results):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    lines = [f"# Evaluation of {results['checkpoint']}", "",
+    what = "the untrained model (--init)" if results["init"] else results["checkpoint"]
+    lines = [f"# Evaluation of {what}", "",
              f"tasks: {','.join(results['tasks'])} · seed: {results['seed']} · data: {results['data']} · "
-             f"{results['seconds']:.0f} s", "", "| metric | value | stands for |", "|---|---|---|"]
-    lines += [f"| {k} {arrow(k)} | {v:.3f} | {stands_for(k)} |" for k, v in results["metrics"].items()]
+             f"{results['seconds']:.0f} s", "",
+             "value ± standard error (bootstrap over the n test items); chance: without the image (random, "
+             "majority class, or the probe on patch positions alone); ceiling: perfect features at this "
+             "resolution; – where none is defined.", "",
+             "| metric | value ± se | n | chance | ceiling | stands for |", "|---|---|---|---|---|---|"]
+    lines += [f"| {k} {arrow(k)} | {v:.3f} ± {results['se'][k]:.3f} | {results['n'][k]} | "
+              f"{fmt(results['chance'][k])} | {fmt(results['ceiling'][k])} | {stands_for(k)} |"
+              for k, v in results["metrics"].items()]
     lines += [""] + [f"skipped: {s}" for s in results["skipped"]]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def radar(rows, names, path):
-    """One polygon per task set. Each axis has its own scale, as the paper's Figure 1: the worst row
-    at 0.2, the best at 1 (lower-is-better axes flipped), one row alone at 1; labels give the range."""
-    means = np.array([[stats[k][0] for k in names] for _, stats in rows])  # (rows, metrics)
-    lo, hi = means.min(0), means.max(0)
-    r = 0.2 + 0.8 * (means - lo) / np.where(hi > lo, hi - lo, 1)
-    r = np.where(hi > lo, np.where([lower_is_better(k) for k in names], 1.2 - r, r), 1.0)
+def radar_radius(values, chance, ceiling):
+    """0 at chance, 1 at the ceiling, whichever way is better; clipped just beyond both ends."""
+    return np.clip((values - chance) / (ceiling - chance), 0, 1.05)
+
+
+def radar(rows, names, refs, path):
+    """One polygon per row, each axis drawn from its chance level (centre) to its ceiling (rim), so
+    that a polygon's size means the same on every axis and for one run alone; values beyond either
+    end are drawn at it. Lower-is-better axes need no flip: their chance lies above their ceiling."""
+    names = [k for k in names if refs[k]["chance"] is not None and refs[k]["ceiling"] is not None
+             and refs[k]["chance"] != refs[k]["ceiling"]]
+    if not names:
+        return False
+    lo = np.array([refs[k]["chance"] for k in names])
+    hi = np.array([refs[k]["ceiling"] for k in names])
     angles = np.linspace(0, 2 * np.pi, len(names), endpoint=False)
     fig, ax = plt.subplots(figsize=(7, 7), subplot_kw={"polar": True})
-    for (label, _), radius in zip(rows, r):
+    for label, stats in rows:
+        means = np.array([stats[k]["mean"] if k in stats else np.nan for k in names])
+        radius = radar_radius(means, lo, hi)
         line, = ax.plot(np.append(angles, angles[0]), np.append(radius, radius[0]), marker="o", label=label)
-        ax.fill(angles, radius, alpha=0.1, color=line.get_color())
-    ax.set_xticks(angles, [f"{k} {arrow(k)}\n{a:.3g}" + (f"–{b:.3g}" if b > a else "")
-                           for k, a, b in zip(names, lo, hi)], fontsize=8)
+        ax.fill(angles, np.nan_to_num(radius), alpha=0.08, color=line.get_color())
+    ax.set_xticks(angles, [f"{k} {arrow(k)}\n{a:.3g} → {b:.3g}" for k, a, b in zip(names, lo, hi)], fontsize=7)
     ax.tick_params(axis="x", pad=14)  # keep the labels off the outermost polygon
     ax.set_ylim(0, 1.1)
+    ax.set_yticks([0.25, 0.5, 0.75, 1.0])
     ax.set_yticklabels([])
+    ax.set_title("each axis: chance (centre) → ceiling (rim)", fontsize=9, pad=24)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)  # below the axis labels
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return True
+
+
+def read_results(path):
+    with open(path) as f:
+        r = json.load(f)
+    for key in ("se", "chance", "ceiling"):  # results written before standard errors existed
+        r.setdefault(key, {})
+    return r
+
+
+def row_stats(results, names):
+    """Per metric over a row's runs (seeds): mean, sample std (None for one seed), mean bootstrap
+    se, and spread = the std, or the se where there is one seed only."""
+    out = {}
+    for k in names:
+        runs = [r for r in results if k in r["metrics"]]
+        if not runs:
+            continue
+        v = [r["metrics"][k] for r in runs]
+        se = [r["se"].get(k) for r in runs if r["se"].get(k) is not None]
+        std = float(np.std(v, ddof=1)) if len(v) > 1 else None
+        se = float(np.mean(se)) if se else None
+        out[k] = {"mean": float(np.mean(v)), "std": std, "se": se, "spread": std if std is not None else se,
+                  "seeds": len(v)}
+    return out
+
+
+def difference(a, b):
+    """Row a minus row b, and that in units of their pooled spread sqrt((s_a^2 + s_b^2) / 2)."""
+    delta = a["mean"] - b["mean"]
+    if a["spread"] is None or b["spread"] is None:
+        return delta, None
+    pooled = math.sqrt((a["spread"] ** 2 + b["spread"] ** 2) / 2)
+    return delta, (delta / pooled if pooled > 0 else None)
 
 
 def compare(run_dirs, out):
-    """Rows = task sets (runs with the same tasks are seeds), columns = key metrics, mean ± std over
-    seeds (population std, 0 for one seed): the paper's Figure 1 layout, as Markdown and a radar."""
-    groups = {}
+    """Rows = task sets (runs with the same tasks are seeds), columns = key metrics: the paper's
+    Figure 1 layout, as Markdown and a radar. The untrained model (eval-init of any run; one per
+    seed) is the first row, chance and ceiling rows frame the table, and two more tables give
+    every row's difference from the first trained row and from the untrained one."""
+    groups, inits = {}, {}
     for d in run_dirs:
         path = next((p for p in (os.path.join(d, "eval", "results.json"), os.path.join(d, "results.json"))
                      if os.path.isfile(p)), None)
         if path is None:
             fail(f"{d} has no eval/results.json; evaluate it first: python evaluate.py {d}/checkpoint.pt")
-        with open(path) as f:
-            r = json.load(f)
+        r = read_results(path)
         groups.setdefault(tuple(t for t in mtv.ALL_TASKS if t in r["tasks"]), []).append(r)
+        if os.path.isfile(init_path := os.path.join(d, "eval-init", "results.json")):
+            ri = read_results(init_path)  # one untrained model per seed: the one scored on most metrics
+            if ri["seed"] not in inits or len(ri["metrics"]) > len(inits[ri["seed"]]["metrics"]):
+                inits[ri["seed"]] = ri
     order = sorted(groups, key=lambda ts: (len(ts), [mtv.ALL_TASKS.index(t) for t in ts]))  # VL, + SSL, ...
-    names = [k for k in KEY_METRICS if any(k in r["metrics"] for g in groups.values() for r in g)]
-    rows = []
-    for ts in order:
-        stats = {k: (float(np.mean(v)), float(np.std(v))) for k in names
-                 if (v := [r["metrics"][k] for r in groups[ts] if k in r["metrics"]])}
-        rows.append(("+".join(ts), stats))
-    lines = ["| tasks | seeds | " + " | ".join(f"{k} {arrow(k)}" for k in names) + " |",
-             "|---|---|" + "---|" * len(names)]
-    for (label, stats), ts in zip(rows, order):
-        seeds = ",".join(str(r["seed"]) for r in groups[ts])
-        cells = [f"{stats[k][0]:.3f} ± {stats[k][1]:.3f}" if k in stats else "–" for k in names]
-        lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+    everything = [r for g in groups.values() for r in g] + list(inits.values())
+    names = [k for k in KEY_METRICS if any(k in r["metrics"] for r in everything)]
+    refs = {k: {ref: (float(np.mean(v)) if (v := [r[ref][k] for r in everything
+                                                  if r[ref].get(k) is not None]) else None)
+                for ref in ("chance", "ceiling")} for k in names}
+    rows = [("init (untrained)", sorted(inits.values(), key=lambda r: str(r["seed"])))] if inits else []
+    rows += [("+".join(ts), groups[ts]) for ts in order]
+    stats = [(label, row_stats(results, names)) for label, results in rows]
+
+    def cell(s):
+        if s is None:
+            return "–"
+        return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["std"] is not None else \
+            f"{s['mean']:.3f} (se {s['se']:.3f})" if s["se"] is not None else f"{s['mean']:.3f}"
+
+    head = ["| tasks | seeds | " + " | ".join(f"{k} {arrow(k)}" for k in names) + " |",
+            "|---|---|" + "---|" * len(names)]
+    lines = head + [f"| *{ref}* | – | " + " | ".join(fmt(refs[k][ref]) for k in names) + " |"
+                    for ref in ("chance", "ceiling")]
+    seeds = {label: ",".join(str(r["seed"]) for r in results) for label, results in rows}
+    for label, st in stats:
+        lines.append(f"| {label} | {seeds[label]} | " + " | ".join(cell(st.get(k)) for k in names) + " |")
+    trained = [s for s in stats if not s[0].startswith("init")]
+    for ref_label, ref in ([trained[0]] if trained else []) + [s for s in stats if s[0].startswith("init")]:
+        lines += ["", f"Difference from **{ref_label}** (Δ, and Δ in units of the pooled seed std σ; bold where "
+                      "|Δ| > 2σ; a row with one seed uses its bootstrap se as its spread):", ""] + head
+        for label, st in stats:
+            if label == ref_label:
+                continue
+            cells = []
+            for k in names:
+                if k not in st or k not in ref:
+                    cells.append("–")
+                    continue
+                delta, z = difference(st[k], ref[k])
+                text = f"{delta:+.3f}" + (f" ({z:+.1f}σ)" if z is not None else "")
+                cells.append(f"**{text}**" if z is not None and abs(z) > 2 else text)
+            lines.append(f"| {label} | {seeds[label]} | " + " | ".join(cells) + " |")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    shared = [k for k in names if all(k in stats for _, stats in rows)]  # a radar axis needs every row
-    radar(rows, shared, os.path.join(out, "radar.png"))
+    drew = radar(stats, names, refs, os.path.join(out, "radar.png"))
     print("\n".join(lines))
-    print(f"wrote {os.path.join(out, 'compare.md')} and {os.path.join(out, 'radar.png')}")
-    return {label: stats for label, stats in rows}
+    print(f"wrote {os.path.join(out, 'compare.md')}" + (f" and {os.path.join(out, 'radar.png')}" if drew else ""))
+    return {label: {k: (s["mean"], s["spread"]) for k, s in st.items()} for label, st in stats}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -747,15 +1126,23 @@ def parse_args(argv):
     p.add_argument("checkpoint", nargs="?", help="train.py checkpoint.pt, or a SigLIP model directory")
     p.add_argument("--data", help="glob of toy-world val shards with truth members (gt_depth, gt, gt_seg); "
                                   "default: render --n scenes in memory")
-    p.add_argument("--n", type=int, default=TOY_N, help=f"toy scenes (default {TOY_N}; of --data the first N)")
-    p.add_argument("--out", help="output folder; default <checkpoint dir>/eval, with --compare the runs' "
-                                 "common parent")
+    p.add_argument("--n", type=int, default=TOY_N, help=f"toy scenes, the first 2/3 train the probes "
+                                                        f"(default {TOY_N}; of --data the first N)")
+    p.add_argument("--init", action="store_true",
+                   help="score the checkpoint's model at initialisation (same config and seed, no step) "
+                        "instead of its weights; default output <checkpoint dir>/eval-init")
+    p.add_argument("--out", help="output folder; default <checkpoint dir>/eval (eval-init with --init), with "
+                                 "--compare the runs' common parent")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     for name, layout in (("imagenet", "DIR/{train,val}/CLASS/*.jpg"), ("coco", "DIR/captions.json + images"),
                          ("nyu", "DIR/NAME.jpg + DIR/NAME_depth.png|npy"),
                          ("ade", "DIR/images/NAME.jpg + DIR/annotations/NAME.png")):
-        p.add_argument(f"--{name}", metavar="DIR", help=f"real data laid out as {layout}")
+        p.add_argument(f"--{name}", metavar="DIR", help=f"real data laid out as {layout} (default: not run)")
+    p.add_argument("--class-names", metavar="FILE",
+                   help="ImageNet class names, 'FOLDER name, synonym, ...' per line as LOC_synset_mapping.txt "
+                        "(default: DIR/LOC_synset_mapping.txt, else timm's names for WordNet-id folders, else "
+                        "the folder names)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="aggregate evaluated train.py runs instead")
     return p.parse_args(argv)
 
@@ -771,27 +1158,33 @@ def main(argv=None):
     if args.n < 6:
         fail(f"--n {args.n} is too small; the probes need at least 6 scenes (4 to train, 2 to test)")
     start = time.time()
-    model, seed = load_checkpoint(args.checkpoint)
+    model, seed = load_checkpoint(args.checkpoint, init=args.init)
     device = torch.device(args.device)
     model = model.to(device).eval()
     S = model.cfg.vision.image_size
-    print(f"model: {args.checkpoint} · tasks {','.join(model.tasks)} · {S} px · device {device}")
+    print(f"model: {args.checkpoint}{' at initialisation' if args.init else ''} · tasks {','.join(model.tasks)} · "
+          f"{S} px · device {device}")
     real = {k: getattr(args, k) for k in SUITES if getattr(args, k)}
-    metrics, skipped, used = {}, [], []  # skipped protocols are listed with the results
+    scores, skipped, used = Scores(), [], []  # skipped protocols are listed with the results
     if args.data or not real:  # the toy world unless only real benchmarks were asked for
         scenes = load_toy_shards(args.data, args.n, S) if args.data else render_toy(args.n, S)
         used.append(f"{len(scenes)} toy scenes " + (f"from {args.data}" if args.data else f"(seed {TOY_SEED})"))
-        metrics.update(toy_suite(model, scenes, device, skipped.append))
+        scores.rows.update(toy_suite(model, scenes, device, skipped.append).rows)
     for name, folder in real.items():
-        metrics.update(SUITES[name](model, folder, device, skipped.append))
+        scores.rows.update(SUITES[name](model, folder, device, skipped.append, args.class_names).rows)
         used.append(f"{name} {folder}")
     ckpt = args.checkpoint
     ckpt_dir = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
-    metrics = {k: round(v, 6) for k, v in metrics.items()}
-    results = {"checkpoint": args.checkpoint, "tasks": list(model.tasks), "seed": seed, "data": "; ".join(used),
-               "metrics": metrics, "lower_is_better": [k for k in metrics if lower_is_better(k)],
+    rows = scores.rows
+    rounded = lambda v: None if v is None else round(v, 6)
+    results = {"checkpoint": args.checkpoint, "init": args.init, "tasks": list(model.tasks), "seed": seed,
+               "data": "; ".join(used), "metrics": {k: round(r["value"], 6) for k, r in rows.items()},
+               "se": {k: round(r["se"], 6) for k, r in rows.items()}, "n": {k: r["n"] for k, r in rows.items()},
+               "chance": {k: rounded(r["chance"]) for k, r in rows.items()},
+               "ceiling": {k: rounded(r["ceiling"]) for k, r in rows.items()},
+               "lower_is_better": [k for k in rows if lower_is_better(k)],
                "skipped": skipped, "seconds": time.time() - start}
-    write_results(args.out or os.path.join(ckpt_dir, "eval"), results)
+    write_results(args.out or os.path.join(ckpt_dir, "eval-init" if args.init else "eval"), results)
     return results
 
 

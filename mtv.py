@@ -563,6 +563,13 @@ class MTV(nn.Module):
         return cls(config_from_dict(d["config"]), tasks=d["tasks"])
 
     @classmethod
+    def initialised(cls, cfg: MTVConfig, tasks, seed: int) -> "MTV":
+        """The model train.py starts from with --seed seed: the one definition of "at initialisation",
+        so that evaluate.py --init scores exactly the weights a run took its first step from."""
+        torch.manual_seed(seed)
+        return cls(cfg, tasks)
+
+    @classmethod
     def from_siglip(cls, model_or_path, tasks=("clip",)) -> "MTV":
         """A transformers SiglipModel (or a local directory holding one) as an MTV model. Heads of
         other tasks start from random initialisation. A tokenizer saved in that directory is used."""

@@ -458,7 +458,7 @@ def main(argv=None):
         print0("settings:\n" + "\n".join(f"  {k:<18} {v}" for k, v in sorted(asdict(cfg).items())))
 
     # -- model, teacher, losses, optimizer ------------------------------------------------------
-    model = mtv.MTV(model_cfg, tasks).to(device)
+    model = mtv.MTV.initialised(model_cfg, tasks, cfg.seed).to(device)  # re-seeded: data generation may draw
     teacher = model.ssl_teacher().to(device) if "ssl" in tasks else None
     objectives = Objectives(model, tasks, cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),

@@ -1,5 +1,6 @@
-"""evaluate.py: metrics on hand-computed cases, probes on features that do / do not hold the answer,
---compare aggregation, the real-data layouts, and the whole CLI on a tiny random model."""
+"""evaluate.py: metrics on hand-computed cases, standard errors, chance and ceiling, probes on
+features that do / do not hold the answer, --compare aggregation, the real-data layouts, and the
+whole CLI on a tiny random model."""
 
 import json
 import math
@@ -9,40 +10,69 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import evaluate as E
 import mtv
+
+
+def value(parts, reduce=E.ratio):
+    return E.estimate(parts, reduce)[0]
 
 
 # -- metrics ------------------------------------------------------------------------------------
 
 
 def test_accuracy_and_recall_at_k():
-    assert E.accuracy(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2])) == 0.75
+    assert value(E.hits(torch.tensor([0, 1, 2, 2]) == torch.tensor([0, 1, 1, 2]))) == 0.75
     sim = torch.tensor([[0.9, 0.1, 0.0],    # query 0: right (0) ranked 1st
                         [0.8, 0.5, 0.7],    # query 1: right (1) ranked 3rd
                         [0.1, 0.9, 0.3]])   # query 2: right (2) ranked 2nd
     right = torch.eye(3, dtype=torch.bool)
-    assert E.recall_at_k(sim, right, 1) == pytest.approx(1 / 3)
-    assert E.recall_at_k(sim, right, 2) == pytest.approx(2 / 3)
-    assert E.recall_at_k(sim, right, 5) == 1.0  # k beyond the gallery = all of it
+    assert value(E.hits(E.recall_hits(sim, right, 1))) == pytest.approx(1 / 3)
+    assert value(E.hits(E.recall_hits(sim, right, 2))) == pytest.approx(2 / 3)
+    assert value(E.hits(E.recall_hits(sim, right, 5))) == 1.0  # k beyond the gallery = all of it
+    assert E.recall_chance(right, 1) == pytest.approx(1 / 3) and E.recall_chance(right, 2) == pytest.approx(2 / 3)
     right[1, 0] = True  # a second right answer (COCO: 5 captions per image)
-    assert E.recall_at_k(sim, right, 1) == pytest.approx(2 / 3)
+    assert value(E.hits(E.recall_hits(sim, right, 1))) == pytest.approx(2 / 3)
+    # a random ranking of 10 items, 2 right: recall@3 = 1 - (8 * 7 * 6) / (10 * 9 * 8)
+    two = torch.zeros(1, 10, dtype=torch.bool)
+    two[0, :2] = True
+    assert E.recall_chance(two, 3) == pytest.approx(1 - 336 / 720)
+
+
+def test_standard_errors():
+    """The bootstrap se of an accuracy is the binomial one, sqrt(p (1 - p) / n), is fixed by its seed,
+    and shrinks as 1 / sqrt(n); a constant metric has none."""
+    g = torch.Generator().manual_seed(0)
+    for n in (400, 1600):
+        correct = torch.rand(n, generator=g) < 0.25
+        p, se, count = E.estimate(E.hits(correct))
+        assert count == n and se == pytest.approx(math.sqrt(p * (1 - p) / n), rel=0.1)
+        assert E.estimate(E.hits(correct)) == (p, se, n)
+    assert E.estimate(E.hits(torch.ones(50, dtype=torch.bool)))[1] == 0.0
 
 
 def test_miou_by_hand():
-    target = torch.tensor([0, 0, 1, 1, -1, 2])
-    pred = torch.tensor([0, 1, 1, 1, 0, 0])
+    target = torch.tensor([[0, 0, 1], [1, -1, 2]])[None]  # one image (1, 2, 3)
+    pred = torch.tensor([[0, 1, 1], [1, 0, 0]])[None]
     # class 0: inter 1, union |{0,1,5}| = 3; class 1: inter 2, union 3; class 2: inter 0, union 1
     # (the ignored pixel 4 counts for nobody); class 3 absent from both, so not averaged
-    assert E.miou(pred, target, 4) == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    parts = E.seg_parts(pred, target, 4)
+    assert value(parts, E.miou_of) == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
+    assert value(parts, lambda t: E.miou_of(t, [1, 2])) == pytest.approx((2 / 3 + 0) / 2)
+    # mIoU is over the whole set, not a mean over images: two copies change nothing
+    assert value(torch.cat([parts, parts]), E.miou_of) == pytest.approx((1 / 3 + 2 / 3 + 0) / 3)
 
 
 def test_depth_metrics_by_hand():
-    pred, true = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.0, 4.0, 2.0])
-    assert E.rmse(pred, true) == pytest.approx(math.sqrt(8 / 3))
-    assert E.absrel(pred, true) == pytest.approx((0 + 0.5 + 1) / 3)
-    assert E.delta1(pred, true) == pytest.approx(1 / 3)
-    assert E.delta1(torch.tensor([1.2, 0.85]), torch.tensor([1.0, 1.0])) == 1.0
+    pred, true = torch.tensor([[[1.0, 2.0, 4.0]]]), torch.tensor([[[1.0, 4.0, 2.0]]])
+    parts = E.depth_parts(pred, true, cap=10.0)
+    assert value(parts, E.rmse_of) == pytest.approx(math.sqrt(8 / 3))
+    assert value(parts, E.absrel_of) == pytest.approx((0 + 0.5 + 1) / 3)
+    where = torch.tensor([[[True, True, False]]])
+    assert value(E.depth_parts(pred, true, 10.0, where), E.rmse_of) == pytest.approx(math.sqrt(2))
+    sky = torch.tensor([[[1.0, math.inf, 0.0]]])  # sky and missing pixels are never scored
+    assert value(E.depth_parts(pred, sky, 10.0), E.rmse_of) == 0.0
 
 
 def test_align_scale_shift_and_zero_shot_depth():
@@ -54,27 +84,35 @@ def test_align_scale_shift_and_zero_shot_depth():
     depth = torch.tensor([[[2.0, 4.0], [8.0, math.inf]]])  # (1, 2, 2), one sky pixel
     inverse = 5 / depth + 0.3  # any scale and shift of true inverse depth is a perfect answer
     z = E.zero_shot_depth(inverse, depth, cap=20.0)
-    assert z["absrel"] == pytest.approx(0, abs=1e-5) and z["delta1"] == 1.0
+    assert value(z, E.absrel_of) == pytest.approx(0, abs=1e-5) and value(z, E.delta1_of) == 1.0
     flat = E.zero_shot_depth(torch.ones_like(depth), depth, cap=20.0)  # no depth at all: mean inverse
     mean_inv = (1 / 2 + 1 / 4 + 1 / 8) / 3
-    assert flat["absrel"] == pytest.approx(np.mean([abs(1 / mean_inv - d) / d for d in (2, 4, 8)]), rel=1e-5)
+    assert value(flat, E.absrel_of) == pytest.approx(np.mean([abs(1 / mean_inv - d) / d for d in (2, 4, 8)]),
+                                                     rel=1e-5)
 
 
-def test_correspondence_recall_and_geometry():
-    pred = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
-    true = torch.zeros(3, 2)
-    assert E.correspondence_recall(pred, true, 5.0) == pytest.approx(2 / 3)
-    # Features that tell patches apart (one-hot positions) match every patch exactly, also across a
-    # mirror; without a warp known to correspondence() they would not.
-    n, g, S = 2, 4, 32
-    Pa = torch.eye(g * g).reshape(1, g, g, g * g).repeat(n, 1, 1, 1)
-    seg = torch.full((n, S, S), 2)  # every pixel on an object
-    assert E.correspondence(Pa, Pa, [(0, 0, S, False)] * n, seg, S) == 1.0
-    assert E.correspondence(Pa, Pa.flip(2), [(0, 0, S, True)] * n, seg, S) == 1.0
-    assert E.correspondence(Pa, Pa, [(0, 0, S, True)] * n, seg, S) < 0.5
-    image = np.random.default_rng(0).integers(0, 255, (S, S, 3), dtype=np.uint8)
-    view, (x0, y0, c, flip) = E.second_view(image, np.random.default_rng(3))
-    assert view.shape == image.shape and 0.5 * S <= c <= 0.9 * S and x0 + c <= S and y0 + c <= S
+def test_correspondence_oracle_and_chance():
+    """Perfect patch features (each B patch is the A patch nearest its true source point) score
+    at least 0.95 at 32 and 64 px with 8-px patches, because the threshold is at least one patch
+    side; chance is the share of A's patch centres within the threshold; a matcher that ignores
+    the mirror does far worse."""
+    assert E.corr_threshold(32, 8) == 8 and E.corr_threshold(64, 8) == pytest.approx(8) and \
+        E.corr_threshold(224, 16) == pytest.approx(22.4)
+    for S in (32, 64):
+        scenes = [data.render_scene(5, i, S) for i in range(40)]
+        images = [s["image"] for s in scenes]
+        seg = torch.from_numpy(np.stack([s["seg"] for s in scenes])).long()
+        warps = [E.second_view(im, np.random.default_rng([1, i]))[1] for i, im in enumerate(images)]
+        g = S // 8
+        centres, true, _ = E.match_geometry(warps, seg, S, (g, g))
+        nearest = (true[:, :, None] - centres).norm(dim=-1).argmin(2)  # (n, N)
+        Pa = torch.eye(g * g).reshape(1, g, g, g * g).repeat(len(scenes), 1, 1, 1)
+        Pb = torch.eye(g * g)[nearest].reshape(len(scenes), g, g, g * g)
+        c = E.correspondence(Pa, Pb, warps, seg, S, 8)
+        assert value(c["model"]) >= 0.95 and value(c["ceiling"]) >= 0.95
+        assert value(c["chance"]) == pytest.approx(math.pi * 8 ** 2 / S ** 2, rel=0.35)  # a disc of radius 8
+        unflipped = E.correspondence(Pa, Pa, warps, seg, S, 8)  # "the same patch" is wrong after a warp
+        assert value(unflipped["model"]) < 0.7
 
 
 def test_grounding_by_hand():
@@ -84,8 +122,44 @@ def test_grounding_by_hand():
                torch.eye(3)[[2, 2]]]                   # image 1: both boxes look like "green sphere"
     names = [["red cube", "blue cone"], ["green sphere", "red cube"]]
     g = E.grounding(regions, names, text, vocab)
-    assert g["acc"] == pytest.approx(3 / 4)  # "red cube" in image 1 picks the wrong box
-    assert g["name_acc"] == pytest.approx(3 / 4)
+    assert value(g["acc"]) == pytest.approx(3 / 4)  # "red cube" in image 1 picks the wrong box
+    assert value(g["name_acc"]) == pytest.approx(3 / 4)
+    assert value(g["acc_chance"]) == pytest.approx(1 / 2)  # two boxes each: a random pick is right half the time
+
+
+def test_zero_shot_twin_oracle_and_chance():
+    """On single-object scenes an image embedding equal to its object's prompt embedding scores
+    1.0 on colour and shape, and on many-object scenes the present-object variant is 1.0 for an
+    embedding of any object present; random embeddings score chance (within 3 standard errors)."""
+    scenes = [data.render_scene(3, i, 8) for i in range(1500)]
+    names = E.toy_names()
+    classes = torch.nn.functional.normalize(torch.randn(len(names), 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    some = torch.tensor([names.index(s["objects"][-1]["name"]) for s in scenes])
+    parts, chance = E.zero_shot(classes[some], classes, scenes)
+    assert all(value(p) == 1.0 for p in parts.values())
+    assert chance["zs_color_acc"] == 1 / 8 and chance["zs_shape_acc"] == 1 / 4 and 2 / 32 < chance["zs_present_acc"] < 4 / 32
+    single = sum(s["count"] == 1 for s in scenes)
+    assert E.estimate(parts["zs_shape_acc"])[2] == single and E.estimate(parts["zs_present_acc"])[2] == 1500 - single
+    noise = torch.randn(len(scenes), 64, generator=torch.Generator().manual_seed(1))
+    parts, chance = E.zero_shot(noise, classes, scenes)
+    for k, p in parts.items():
+        v, se, _ = E.estimate(p)
+        assert abs(v - chance[k]) < 3 * se + 0.01, k
+
+
+def test_name_tokens_are_the_same_in_training_and_evaluation(tmp_path):
+    """Grounding is scored with the names tokenized exactly as collate tokenizes them for training
+    (name_length positions), not at the caption context, whose embedding differs."""
+    model = mtv.MTV(mtv.build_config("tiny"), ("clip", "ground")).eval()
+    tok = model.tokenize
+    names = ["red cube", "small blue cone", "green sphere"]
+    batch = data.collate([{"caption": "x", "boxes": torch.zeros(3, 4), "names": names}], tok)
+    assert torch.equal(batch["name_tokens"], data.tokenize_names(tok, names))
+    assert batch["name_tokens"].shape == (3, tok.name_length) and tok.name_length < tok.context_length
+    with torch.no_grad():
+        trained = model.encode_text(batch["name_tokens"])
+    assert torch.allclose(E.embed_names(model, names, "cpu"), trained, atol=1e-6)
+    assert not torch.allclose(E.embed_text(model, names, "cpu"), trained, atol=1e-3)  # the old, wrong path
 
 
 # -- probes -------------------------------------------------------------------------------------
@@ -103,9 +177,10 @@ def labelled_features(n, classes, informative, seed=0):
 @pytest.mark.parametrize("probe", [E.linear_probe, E.knn_probe])
 def test_classification_probes(probe):
     X, y = labelled_features(600, 4, informative=True)
-    assert probe(X[:400], y[:400], X[400:], y[400:], 4) > 0.95
+    assert (probe(X[:400], y[:400], X[400:], 4) == y[400:]).float().mean() > 0.95
     X, y = labelled_features(600, 4, informative=False)
-    assert probe(X[:400], y[:400], X[400:], y[400:], 4) < 0.4  # chance is 0.25
+    assert (probe(X[:400], y[:400], X[400:], 4) == y[400:]).float().mean() < 0.4  # chance is 0.25
+    assert E.majority_chance(y[:400], y[400:]) == pytest.approx(0.25, abs=0.06)
 
 
 def smooth_depth(n, S, seed):
@@ -125,10 +200,11 @@ def test_depth_probe():
     cells = (pool(depth.log().nan_to_num(posinf=0)[:, None], g) / (1 - pool(sky, g)).clamp(min=1e-6))[:, 0]
     noise = torch.randn(n, g, g, 16, generator=torch.Generator().manual_seed(1))
     good = torch.cat([cells[..., None], noise], -1)  # (n, g, g, 17): the patch's mean log depth is in it
-    d = E.depth_probe(good[:40], depth[:40], good[40:], depth[40:], cap=8.0)
-    r = E.depth_probe(noise[:40], depth[:40], noise[40:], depth[40:], cap=8.0)
+    score = lambda P: E.depth_parts(E.depth_probe(P[:40], depth[:40], P[40:], depth[40:], cap=8.0), depth[40:], 8.0)
+    d, r = score(good), score(noise)
     # what remains is bilinear upsampling at the borders; random features miss by ~40 %
-    assert d["absrel"] < 0.05 and d["absrel"] < r["absrel"] / 5 and d["rmse"] < r["rmse"] / 5
+    assert value(d, E.absrel_of) < 0.05 and value(d, E.absrel_of) < value(r, E.absrel_of) / 5
+    assert value(d, E.rmse_of) < value(r, E.rmse_of) / 5
 
 
 def test_seg_probe():
@@ -139,18 +215,37 @@ def test_seg_probe():
     labels[:, 0, 0] = -1  # an ignored pixel
     noise = torch.randn(n, g, g, 8, generator=gen)
     good = torch.cat([3 * torch.nn.functional.one_hot(cls, C), noise], -1).float()
-    assert E.seg_probe(good[:30], labels[:30], good[30:], labels[30:], C) > 0.9
-    assert E.seg_probe(noise[:30], labels[:30], noise[30:], labels[30:], C) < 0.4
+    score = lambda P: value(E.seg_parts(E.seg_probe(P[:30], labels[:30], P[30:], labels[30:], C), labels[30:], C),
+                            E.miou_of)
+    assert score(good) > 0.9 and score(noise) < 0.4
+
+
+def test_position_features_are_the_dense_floor():
+    """A depth probe on patch positions alone learns each position's mean depth: on images whose
+    depth is a function of the row it is as good as the image; on random depth it is not."""
+    n, S, g = 60, 32, 4
+    rows = torch.linspace(1, 5, S)[:, None].expand(n, S, S).contiguous()  # depth grows with the row
+    pos = E.position_features(n, g, g)
+    assert pos.shape == (n, g, g, g * g) and torch.equal(pos[3, 1, 2], torch.eye(g * g)[1 * g + 2])
+    fit = E.depth_parts(E.depth_probe(pos[:40], rows[:40], pos[40:], rows[40:], 8.0), rows[40:], 8.0)
+    assert value(fit, E.absrel_of) < 0.05
+    noisy = rows * torch.exp(torch.randn(n, 1, 1, generator=torch.Generator().manual_seed(0)))
+    miss = E.depth_parts(E.depth_probe(pos[:40], noisy[:40], pos[40:], noisy[40:], 50.0), noisy[40:], 50.0)
+    assert value(miss, E.absrel_of) > 0.3
 
 
 # -- compare ------------------------------------------------------------------------------------
 
 
-def fake_run(root, name, tasks, seed, metrics):
-    (root / name / "eval").mkdir(parents=True)
-    results = {"checkpoint": str(root / name / "checkpoint.pt"), "tasks": tasks, "seed": seed,
-               "metrics": metrics, "lower_is_better": [], "skipped": [], "data": "", "seconds": 1.0}
-    (root / name / "eval" / "results.json").write_text(json.dumps(results))
+def fake_run(root, name, tasks, seed, metrics, init=False, se=0.05):
+    folder = root / name / ("eval-init" if init else "eval")
+    folder.mkdir(parents=True)
+    results = {"checkpoint": str(root / name / "checkpoint.pt"), "init": init, "tasks": tasks, "seed": seed,
+               "metrics": metrics, "se": {k: se for k in metrics}, "n": {k: 100 for k in metrics},
+               "chance": {"zs_shape_acc": 0.25, "depth_probe_rmse": 4.0},
+               "ceiling": {"zs_shape_acc": 1.0, "depth_probe_rmse": 1.0},
+               "lower_is_better": [], "skipped": [], "data": "", "seconds": 1.0}
+    (folder / "results.json").write_text(json.dumps(results))
     return str(root / name)
 
 
@@ -159,17 +254,35 @@ def test_compare_groups_seeds(tmp_path, capsys):
             fake_run(tmp_path, "vl-1", ["clip"], 1, {"zs_shape_acc": 0.4, "depth_probe_rmse": 2.0}),
             fake_run(tmp_path, "all-0", ["ground", "clip", "ssl", "depth"], 0,
                      {"zs_shape_acc": 0.5, "depth_probe_rmse": 1.0})]
+    fake_run(tmp_path, "all-0", ["ground", "clip", "ssl", "depth"], 0, {"zs_shape_acc": 0.26, "depth_probe_rmse": 2.8},
+             init=True, se=0.02)
     table = E.main(["--compare", *runs, "--out", str(tmp_path / "cmp")])
-    assert list(table) == ["clip", "clip+ssl+depth+ground"]  # Figure 1 order, canonical task order
-    assert table["clip"]["zs_shape_acc"] == pytest.approx((0.3, 0.1))  # mean, population std
-    assert table["clip"]["depth_probe_rmse"] == pytest.approx((2.5, 0.5))
-    assert table["clip+ssl+depth+ground"]["zs_shape_acc"] == pytest.approx((0.5, 0.0))
+    assert list(table) == ["init (untrained)", "clip", "clip+ssl+depth+ground"]  # untrained, then Figure 1 order
+    sd = math.sqrt(0.02)  # sample std (ddof 1) of 0.2 and 0.4
+    assert table["clip"]["zs_shape_acc"] == pytest.approx((0.3, sd))  # mean, seed std
+    assert table["clip"]["depth_probe_rmse"] == pytest.approx((2.5, math.sqrt(0.5)))
+    assert table["clip+ssl+depth+ground"]["zs_shape_acc"] == pytest.approx((0.5, 0.05))  # one seed: its se
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| clip | 0,1 | 0.300 ± 0.100 | 2.500 ± 0.500 |" in md and "depth_probe_rmse ↓" in md
+    assert f"| clip | 0,1 | 0.300 ± {sd:.3f} | 2.500 ± 0.707 |" in md and "depth_probe_rmse ↓" in md
+    assert "| clip+ssl+depth+ground | 0 | 0.500 (se 0.050) |" in md and "± 0.000" not in md
+    assert "| *chance* | – | 0.250 | 4.000 |" in md and "| *ceiling* | – | 1.000 | 1.000 |" in md
+    # differences in pooled-spread units: (0.5 - 0.3) / sqrt((0.05^2 + 0.02) / 2) = 1.89 -> not bold
+    assert "Difference from **clip**" in md and "| clip+ssl+depth+ground | 0 | +0.200 (+1.9σ) |" in md
+    # from the untrained row: (0.5 - 0.26) / sqrt((0.05^2 + 0.02^2) / 2) = 6.3 -> bold
+    assert "Difference from **init (untrained)**" in md and "**+0.240 (+6.3σ)**" in md
     assert (tmp_path / "cmp" / "radar.png").stat().st_size > 0
     with pytest.raises(SystemExit) as e:
         E.main(["--compare", str(tmp_path / "missing")])
     assert e.value.code == 2 and "no eval/results.json" in capsys.readouterr().err
+
+
+def test_radar_spans_chance_to_ceiling(tmp_path):
+    """Axes run from chance to ceiling, so a single run is not stretched to itself."""
+    r = E.radar_radius(np.array([0.625, 3.4, 0.1, 0.5]), np.array([0.25, 4.0, 0.25, 4.0]), np.array([1.0, 1.0, 1.0, 1.0]))
+    assert r == pytest.approx([0.5, 0.2, 0.0, 1.05])  # halfway; rmse 3.4 is 0.2 of the way 4 -> 1; clipped
+    refs = {"zs_shape_acc": {"chance": 0.25, "ceiling": 1.0}, "depth_probe_rmse": {"chance": 4.0, "ceiling": 1.0}}
+    rows = [("one", {"zs_shape_acc": {"mean": 0.625}, "depth_probe_rmse": {"mean": 3.4}})]
+    assert E.radar(rows, list(refs), refs, tmp_path / "r.png") and (tmp_path / "r.png").stat().st_size > 0
 
 
 # -- the CLI on a tiny random model -------------------------------------------------------------
@@ -185,20 +298,52 @@ def tiny_checkpoint(path, tasks=mtv.ALL_TASKS, size=32):
     return str(path)
 
 
-TOY_METRICS = ["zs_shape_acc", "zs_color_acc", "ret_i2t_r1", "ret_i2t_r5", "ret_t2i_r1", "ret_t2i_r5",
-               "lin_count_acc", "lin_shape_acc", "depth_probe_rmse", "depth_probe_absrel", "seg_miou",
-               "corr_recall", "zsdepth_absrel", "zsdepth_delta1", "ground_acc", "ground_name_acc"]
+TOY_METRICS = ["zs_shape_acc", "zs_color_acc", "zs_present_acc", "ret_i2t_r1", "ret_i2t_r5", "ret_t2i_r1",
+               "ret_t2i_r5", "lin_count_acc", "lin_shape_acc", "depth_probe_rmse", "depth_probe_absrel",
+               "depth_probe_obj_rmse", "depth_probe_obj_absrel", "seg_miou", "seg_obj_miou", "corr_recall",
+               "zsdepth_absrel", "zsdepth_delta1", "ground_acc", "ground_name_acc"]
 
 
-def test_toy_suite_end_to_end(tmp_path):
+def test_toy_suite_end_to_end(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "checkpoint.pt")
     E.main([ckpt, "--n", "60", "--device", "cpu"])
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["tasks"] == list(mtv.ALL_TASKS) and results["seed"] == 7 and results["skipped"] == []
-    assert sorted(results["metrics"]) == sorted(TOY_METRICS)
+    assert sorted(results["metrics"]) == sorted(TOY_METRICS) and results["init"] is False
     assert all(math.isfinite(v) for v in results["metrics"].values())
-    assert sorted(results["lower_is_better"]) == ["depth_probe_absrel", "depth_probe_rmse", "zsdepth_absrel"]
-    assert "| seg_miou ↑ |" in (tmp_path / "eval" / "results.md").read_text()
+    # every toy metric has a standard error, a count and a chance level; all but linear probes an
+    # oracle-measured or exact ceiling
+    for key in ("se", "n", "chance", "ceiling"):
+        assert sorted(results[key]) == sorted(TOY_METRICS) and all(v is not None for v in results[key].values()), key
+    assert results["n"]["corr_recall"] == 60 and results["n"]["seg_miou"] == 20  # probes test on the last 1/3
+    assert results["ceiling"]["corr_recall"] >= 0.95 and results["ceiling"]["zsdepth_absrel"] < 1e-4
+    assert results["chance"]["depth_probe_rmse"] > results["ceiling"]["depth_probe_rmse"]
+    assert sorted(results["lower_is_better"]) == ["depth_probe_absrel", "depth_probe_obj_absrel",
+                                                  "depth_probe_obj_rmse", "depth_probe_rmse", "zsdepth_absrel"]
+    md = (tmp_path / "eval" / "results.md").read_text()
+    se = results["se"]["seg_miou"]
+    assert f"| seg_miou ↑ | {results['metrics']['seg_miou']:.3f} ± {se:.3f} | 20 |" in md
+    assert "| value ± se | n | chance | ceiling |" in capsys.readouterr().out
+
+
+def test_init_is_the_model_before_its_first_step(tmp_path):
+    """--init rebuilds exactly the weights train.py started from: a run with lr 0 leaves them as
+    they were, and its checkpoint's --init model equals them."""
+    import pseudolabel
+    import train
+
+    data.main(["--out", str(tmp_path / "raw"), "--n", "8", "--size", "32"])
+    pseudolabel.main(["--shards", str(tmp_path / "raw" / "*.tar"), "--out", str(tmp_path / "lab"),
+                      "--depth-expert", "simulated", "--ground-expert", "none"])
+    train.main(["--tasks", "clip,depth", "--data", str(tmp_path / "lab" / "*.tar"), "--steps", "1", "--lr", "0",
+                "--batch-size", "4", "--image-size", "32", "--workers", "0", "--seed", "3",
+                "--out", str(tmp_path / "run"), "--log-every", "1"])
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    model, seed = E.load_checkpoint(ckpt, init=True)
+    trained = mtv.load_model(ckpt).state_dict()
+    assert seed == 3 and all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    results = E.main([ckpt, "--n", "12", "--init"])
+    assert results["init"] and (tmp_path / "run" / "eval-init" / "results.json").is_file()
 
 
 def test_missing_heads_are_skipped(tmp_path, capsys):
@@ -248,15 +393,56 @@ def test_real_data_layouts(tmp_path):
     assert results["metrics"]["coco_i2t_r5"] == 1.0  # 3 images: every caption is within the top 5
 
 
+def test_imagenet_class_names(tmp_path, monkeypatch, capsys):
+    """WordNet-id folders are prompted with names: from --class-names, LOC_synset_mapping.txt or
+    timm; a prompt never holds a wnid, and with no names at all the error is one line."""
+    folders = ["n01440764", "n02123045"]
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn02123045 tabby, tabby cat\n")
+    assert E.imagenet_class_names(str(tmp_path), folders) == ["tench", "tabby"]
+    (tmp_path / "mine.txt").write_text("n01440764 fish\nn02123045 tabby_cat\n")
+    assert E.imagenet_class_names(str(tmp_path), folders, str(tmp_path / "mine.txt")) == ["fish", "tabby cat"]
+    assert E.imagenet_class_names(str(tmp_path / "x"), ["golden_retriever"]) == ["golden retriever"]
+    pytest.importorskip("timm")
+    assert E.imagenet_class_names(str(tmp_path / "x"), folders) == ["tench", "tabby"]
+    monkeypatch.setitem(__import__("sys").modules, "timm.data", None)  # timm absent
+    with pytest.raises(SystemExit) as e:
+        E.imagenet_class_names(str(tmp_path / "x"), folders)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--class-names" in err and "\n" not in err
+
+
+def test_imagenet_prompts_carry_names(tmp_path, monkeypatch):
+    """The zero-shot prompts of a WordNet-id ImageNet folder are built from names, with the ensemble."""
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for c in ("n01440764", "n02123045"):
+            save_image(root / split / c / "0.jpg", hash((split, c)) % 1000)
+    (root / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn02123045 tabby, tabby cat\n")
+    prompts = []
+    real = E.embed_text
+    monkeypatch.setattr(E, "embed_text", lambda model, texts, device: prompts.extend(texts) or real(model, texts, device))
+    E.main([tiny_checkpoint(tmp_path / "c.pt"), "--imagenet", str(root)])
+    assert len(prompts) == 2 * len(E.TEMPLATES) >= 2 * 30
+    assert "a photo of a tabby." in prompts and not any("n0" in p for p in prompts)
+
+
 def test_bad_input_is_one_sentence(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    run = tmp_path / "run"
+    run.mkdir()
+    tiny_checkpoint(run / "checkpoint.pt")  # a run folder where a checkpoint is expected
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "config.json").write_text("{}")  # --init of a SigLIP directory: it holds no seed
     for argv in ([str(tmp_path / "nope.pt")], [], [ckpt, "--n", "3"], [ckpt, "--compare", str(tmp_path)],
-                 [ckpt, "--data", str(tmp_path / "*.tar")], [ckpt, "--ade", str(tmp_path)]):
+                 [ckpt, "--data", str(tmp_path / "*.tar")], [ckpt, "--ade", str(tmp_path)],
+                 [str(run)], [str(tmp_path / "s"), "--init"]):
         with pytest.raises(SystemExit) as e:
             E.main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("evaluate.py: error:") and "\n" not in err
+        if argv == [str(run)]:
+            assert str(run / "checkpoint.pt") in err
 
 
 def test_siglip_directory(tmp_path):

@@ -81,7 +81,7 @@ def test_word_tokenizer(cfg):
     words = set()
     for i in range(300):
         words |= set(tok.pattern.findall(data.render_scene(0, i, 8)["caption"].lower()))
-    for t in evaluate.TEMPLATES:
+    for t in evaluate.TOY_TEMPLATES:
         words |= set(tok.pattern.findall(t.format(" ".join(data.COLORS + data.SHAPES)).lower()))
     assert len(words) >= 45 and len({tok.encode(w)[0] for w in words}) == len(words)
     names = data.collate([{"caption": "a red cube", "boxes": torch.zeros(1, 4), "names": ["red cube"]}], tok)
