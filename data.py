@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tarfile
 import textwrap
@@ -661,6 +662,7 @@ class AugConfig:
     local_size: int = 32                    # DINO local crops
     n_local: int = 4
     global_scale: tuple = (0.35, 1.0)       # crop area range, as a fraction of the image (DINO)
+    caption_scale: tuple = (0.9, 1.0)       # view 0 with clip: its caption must stay true (open_clip)
     local_scale: tuple = (0.1, 0.35)
     flip: float = 0.5                       # probability of a horizontal flip
     jitter: float = 0.4                     # brightness/contrast/saturation factors in 1 +- jitter
@@ -762,6 +764,16 @@ def block_mask(rng, grid, ratio):
     return torch.from_numpy(mask.ravel())
 
 
+LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def mirror_caption(text):
+    """The caption of the horizontally mirrored image: "left" and "right" swap, case kept."""
+    swap = {"left": "right", "right": "left"}
+    return LEFT_RIGHT.sub(lambda m: swap[m[0].lower()].capitalize() if m[0][0].isupper()
+                          else swap[m[0].lower()], text)
+
+
 def make_views(sample, rng, aug, tasks):
     """One decoded sample -> the tensors the enabled tasks train on (see the keys below).
 
@@ -783,10 +795,13 @@ def make_views(sample, rng, aug, tasks):
     def view(scale, size, source=None):
         crop, flip = random_crop(rng, height, width, scale), rng.random() < aug.flip
         geo = crop_and_flip(source or {"image": sample["image"]}, crop, flip, size, aug.min_visible)
-        return _photometric(geo.pop("image"), rng, aug.jitter), geo
+        return _photometric(geo.pop("image"), rng, aug.jitter), geo, flip
 
-    first, geo = view(aug.global_scale, aug.size, labelled)
-    out = {"caption": sample["caption"], **geo}
+    # View 0 is the one its caption describes: with clip it is cropped only a little (open_clip
+    # crops at 0.9-1, so named objects stay in view) and a flip swaps "left" and "right" in the
+    # caption (as MDETR does), so that the caption stays true of the view.
+    first, geo, flipped = view(aug.caption_scale if "clip" in tasks else aug.global_scale, aug.size, labelled)
+    out = {"caption": mirror_caption(sample["caption"]) if flipped else sample["caption"], **geo}
     if "ssl" in tasks:
         out["global"] = torch.stack([first, view(aug.global_scale, aug.size)[0]])    # (2, 3, S, S)
         if aug.n_local:
@@ -796,6 +811,17 @@ def make_views(sample, rng, aug, tasks):
     else:
         out["global"] = first[None]                            # (1, 3, S, S)
     return out
+
+
+SIZE_WORDS = {"small", "large", "big", "little", "tiny", "huge"}
+
+
+def entity_id(name):
+    """The grounding class of an entity name: crc32 of its words without size adjectives, so that
+    "small red cube" in one image and "red cube" in another are one class (positives of each
+    other) rather than negatives; the text each is embedded from stays as written."""
+    words = [w for w in name.lower().split() if w not in SIZE_WORDS]
+    return zlib.crc32(" ".join(words or name.lower().split()).encode())
 
 
 def tokenize_names(tokenize, names):
@@ -830,7 +856,7 @@ def collate(samples, tokenize):
             batch["box_valid"][i, :len(s["boxes"])] = True
         names = [n for s in samples for n in s["names"]]
         batch["name_tokens"] = tokenize_names(tokenize, names)  # (R, T')
-        batch["name_id"] = torch.tensor([zlib.crc32(n.encode()) for n in names], dtype=torch.int64)
+        batch["name_id"] = torch.tensor([entity_id(n) for n in names], dtype=torch.int64)
     return batch
 
 

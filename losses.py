@@ -251,18 +251,21 @@ def depth_loss(pred, target, mask, scales=4, grad_weight=0.5, eps=1e-6):
     both averaged over the valid pixels of the global batch; depth = ssi + grad_weight * grad.
 
     The scale is kept positive (|s|), so an inverted prediction is penalised, not flipped.
-    A tiny ridge penalty eps on the scale makes the fit well posed on a constant prediction (s = 0,
-    the prediction is replaced by the target mean, zero gradient); an image without valid pixels
-    contributes nothing."""
+    A ridge eps on the scale, relative to the prediction's own variance, keeps the loss exactly
+    invariant to the prediction's scale (an absolute ridge stops being so once a prediction's
+    variance nears it, as a fresh head's does); a constant prediction gets s = 0 (it is replaced
+    by the target mean, zero gradient); an image without valid pixels contributes nothing."""
     m = mask.to(pred.dtype)
     n = m.sum((1, 2)).clamp(min=1)[:, None, None]  # (B, 1, 1) valid pixels per image
     p_mean = (m * pred).sum((1, 2), keepdim=True) / n  # (B, 1, 1)
     y_mean = (m * target).sum((1, 2), keepdim=True) / n
     pc, yc = m * (pred - p_mean), m * (target - y_mean)  # centred on the valid pixels
-    # Centred normal equations: s = cov(p, y) / (var(p) + eps), t = mean(y) - s * mean(p). The scale
-    # is taken as |s|: a free sign would let an upside-down map (far = large) score as well as the
-    # right one, and "larger = nearer" would then be a coin flip of the initialisation.
-    s = (pc * yc).sum((1, 2), keepdim=True).abs() / ((pc * pc).sum((1, 2), keepdim=True) + eps * n)
+    # Centred normal equations: s = cov(p, y) / (var(p) (1 + eps)), t = mean(y) - s * mean(p). The
+    # scale is taken as |s|: a free sign would let an upside-down map (far = large) score as well as
+    # the right one, and "larger = nearer" would then be a coin flip of the initialisation. The
+    # floor only keeps 0 / 0 finite for an exactly constant prediction.
+    var = (pc * pc).sum((1, 2), keepdim=True)
+    s = (pc * yc).sum((1, 2), keepdim=True).abs() / (var * (1 + eps)).clamp(min=1e-30)
     res = m * (s * (pred - p_mean) + y_mean - target)  # (B, H, W) aligned residual, 0 where invalid
     ssi = _share_of_mean(0.5 * (res * res).sum(), m.sum())
     grad = 0.0

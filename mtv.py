@@ -64,6 +64,10 @@ class HeadConfig:
     ibot_prototypes: int = 8192
     depth_features: int = 256  # DPT's fusion width
     ground_layers: int = 2  # cross-attention layers of the region prompter
+    # Initial sigmoid-loss biases: the prior log-odds of a pair being positive, -log(n - 1) for n
+    # candidates. SigLIP's -10 is that for its 32k batch; train.py derives both from its global batch.
+    clip_bias: float = -10.0
+    ground_bias: float = -10.0
 
 
 @dataclass
@@ -482,10 +486,13 @@ class MTV(nn.Module):
         self.vision = VisionTower(cfg.vision, mask_token="ssl" in tasks)
         if "clip" in tasks or "ground" in tasks:  # both align images with text
             self.text = TextTower(cfg.text, out_dim=width)
-            # SigLIP's learnable temperature and bias: logits start at 10 * cos - 10, so the many
-            # negatives begin with a small loss (sigmoid(-10) ~ 0) instead of dominating.
+        # SigLIP's learnable temperature and bias, one pair per sigmoid loss: logits start at
+        # 10 * cos + bias with the bias at the prior log-odds, so the many negatives begin with a
+        # small loss instead of dominating. Grounding has its own pair: its candidates are the
+        # names of the batch (about 2.5 per image, 1-2 of them positive), not its captions.
+        if "clip" in tasks:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.heads.clip_bias)))
         if "ssl" in tasks:
             self.dino_head = ProjectionHead(width, h.ssl_hidden, h.ssl_bottleneck, h.dino_prototypes)
             self.ibot_head = ProjectionHead(width, h.ssl_hidden, h.ssl_bottleneck, h.ibot_prototypes)
@@ -493,6 +500,8 @@ class MTV(nn.Module):
             self.depth_head = DepthHead(cfg.vision, h.depth_features)
         if "ground" in tasks:
             self.ground_head = GroundPrompter(cfg.vision, width, h.ground_layers)
+            self.ground_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            self.ground_logit_bias = nn.Parameter(torch.tensor(float(cfg.heads.ground_bias)))
 
     def _grid(self, images):
         return images.shape[-2] // self.cfg.vision.patch_size, images.shape[-1] // self.cfg.vision.patch_size
@@ -505,9 +514,14 @@ class MTV(nn.Module):
     def encode_text(self, tokens):  # (B, T) -> (B, D)
         return F.normalize(self.text(tokens), dim=-1)
 
+    def depth_taps(self, layers):
+        """The DPT head's inputs: the tapped block outputs through the tower's final LayerNorm, as
+        Depth Anything V2 feeds its head (DINOv2's get_intermediate_layers with norm=True)."""
+        return [self.vision.norm(x) for x in layers]
+
     def predict_depth(self, images):  # (B, 3, H, W) -> (B, H, W) relative inverse depth
         layers = self.vision(images, layers=self.depth_head.layers, pool=False)["layers"]
-        return self.depth_head(layers, self._grid(images), images.shape[-2:])
+        return self.depth_head(self.depth_taps(layers), self._grid(images), images.shape[-2:])
 
     def embed_regions(self, images, boxes):  # (B, 3, H, W), (B, M, 4) -> (B, M, D)
         return self.ground_head(self.vision(images, pool=False)["patch"], self._grid(images), boxes)
@@ -523,9 +537,8 @@ class MTV(nn.Module):
             mask = torch.cat([torch.zeros_like(batch["ibot_mask"]), batch["ibot_mask"]])  # (2B, N)
         layers = self.depth_head.layers if "depth" in tasks else ()
         vis = self.vision(views, mask=mask, layers=layers, pool="clip" in tasks or "ssl" in tasks)
-        if "clip" in tasks or "ground" in tasks:
-            out["logit_scale"], out["logit_bias"] = self.logit_scale.exp(), self.logit_bias
         if "clip" in tasks:
+            out["logit_scale"], out["logit_bias"] = self.logit_scale.exp(), self.logit_bias
             out["img"] = F.normalize(vis["pooled"][:b], dim=-1)  # (B, D)
             out["txt"] = self.encode_text(batch["text"])  # (B, D)
         if "ssl" in tasks:
@@ -535,7 +548,8 @@ class MTV(nn.Module):
                 out["dino_local"] = self.dino_head(self.vision(batch["local"])["pooled"])  # (L*B, K)
             out["ibot"] = self.ibot_head(vis["patch"][b:])  # (B, N, K') masked view 1
         if "depth" in tasks:
-            out["depth"] = self.depth_head([x[:b] for x in vis["layers"]], self._grid(views), views.shape[-2:])
+            out["depth"] = self.depth_head(self.depth_taps([x[:b] for x in vis["layers"]]), self._grid(views),
+                                           views.shape[-2:])
         if "ground" in tasks:
             regions = self.ground_head(vis["patch"][:b], self._grid(views), batch["boxes"])  # (B, M, D)
             # The R valid boxes, row-major, without a boolean index (it would make the host wait for
@@ -544,6 +558,7 @@ class MTV(nn.Module):
             out["region"] = regions.flatten(0, 1)[first]  # (R, D) row-major, the order of name_tokens
             # names are tokenized shorter than captions (`name_length`), hence their own text pass
             out["name"] = self.encode_text(batch["name_tokens"])  # (R, D)
+            out["ground_logit_scale"], out["ground_logit_bias"] = self.ground_logit_scale.exp(), self.ground_logit_bias
         return out
 
     def ssl_teacher(self) -> nn.Module:

@@ -62,6 +62,7 @@ class TrainConfig:
     teacher_momentum: float = 0.99  # EMA of the SSL teacher, cosine-increased to 1
     teacher_temp: float = 0.07  # DINO: warmed up from 0.04; above ~0.07 training is unstable
     koleo: float = 0.0  # weight of the KoLeo spreading term on the student's global features
+    freeze_last_layer: float = 0.01  # fraction of the steps with the SSL prototype layers frozen
     n_local: int = 4  # local crops per image for ssl (DINO multi-crop)
     image_size: int = 0  # 0 = the preset's resolution
     out: str = "runs/train"
@@ -97,6 +98,10 @@ def parse_args(argv):
         "toy_n": "number of toy-world training scenes made when --data is empty",
         "deterministic": "deterministic kernels (CPU: bit-identical resume)",
         "compile": "torch.compile the model",
+        "koleo": "weight of DINOv2's KoLeo term on the student's global features, summed over the two "
+                 "global views as DINOv2 does; 0 = off",
+        "freeze_last_layer": "fraction of the steps during which the DINO/iBOT prototype layers do not "
+                             "move (DINO and DINOv2 freeze them for the first of 100 epochs: 0.01)",
     }
     for f, default in asdict(TrainConfig()).items():
         name = "--" + f.replace("_", "-")
@@ -135,6 +140,10 @@ def parse_weights(spec, tasks):
             fail(f"--loss-weights entry {item!r} is not task=number")
     return weights
 
+
+# Names per image after pseudo-label filtering (the toy world's simulated OWLv2 keeps 2.49 boxes per
+# image): sets the grounding loss's initial bias, -log(names in the global batch - 1).
+NAMES_PER_IMAGE = 2.5
 
 # Which pseudo-label member each task needs in a shard.
 LABEL_OF = {"depth": "depth.png", "ground": "ground.json"}
@@ -333,8 +342,8 @@ class Objectives(torch.nn.Module):
             d.update(self.ibot(out["ibot"].float(), target["ibot"].float(), batch["ibot_mask"],
                                teacher_temp))
             parts["ssl"] = d["dino"] + d["ibot"]
-            if self.cfg.koleo > 0:  # DINOv2: spread the student's global features, each view on its own
-                d["koleo"] = sum(losses.koleo_loss(f.float()) for f in out["pooled"].chunk(2)) / 2
+            if self.cfg.koleo > 0:  # DINOv2: spread the student's global features, summed over the 2 views
+                d["koleo"] = sum(losses.koleo_loss(f.float()) for f in out["pooled"].chunk(2))
                 parts["ssl"] = parts["ssl"] + self.cfg.koleo * d["koleo"]
             logs.update(d)
         if "depth" in self.tasks:
@@ -343,7 +352,7 @@ class Objectives(torch.nn.Module):
             logs.update(d)
         if "ground" in self.tasks:
             d = losses.ground_loss(out["region"].float(), out["name"].float(), batch["name_id"],
-                                   out["logit_scale"].float(), out["logit_bias"].float())
+                                   out["ground_logit_scale"].float(), out["ground_logit_bias"].float())
             parts["ground"] = d["ground"]
             logs.update(d)
         return parts, logs
@@ -368,7 +377,7 @@ def param_groups(model, weight_decay):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        plain = p.ndim < 2 or "position" in name or "token" in name or "probe" in name
+        plain = p.ndim < 2 or "pos_embed" in name or "token" in name or "probe" in name
         (no_decay if plain else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "decay": True},
             {"params": no_decay, "weight_decay": 0.0, "decay": False}]
@@ -413,8 +422,19 @@ def validate(model, teacher, objectives, loader, n_batches, device, autocast, te
     return {"val_" + k: v / max(n, 1) for k, v in sums.items()}
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
+def pick_threads(local_world):
+    """Intra-op threads per process: OMP_NUM_THREADS when set, else the cores shared out among the
+    local processes. Torch's default (every core in every process) oversubscribes as soon as two
+    runs or ranks share a machine: two 2-thread runs on 2 cores ran ~20x slower than two 1-thread
+    runs. Returns (threads, where the number came from)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(local_world, 1)), f"{cores} cores / {local_world} local process(es)"
+
+
+def check_config(cfg):
+    """Every user mistake in the flags, before any work. Returns (tasks, loss weights)."""
     tasks = parse_tasks(cfg.tasks)
     weights = parse_weights(cfg.loss_weights, tasks)
     if cfg.model not in mtv.PRESETS:
@@ -422,10 +442,43 @@ def main(argv=None):
     for flag in ("steps", "batch_size", "log_every", "ckpt_every"):
         if getattr(cfg, flag) <= 0 and not (flag == "steps" and cfg.epochs > 0):
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(cfg, flag)}")
+    if not 0 <= cfg.freeze_last_layer < 1:
+        fail(f"--freeze-last-layer is a fraction of the steps in [0, 1), got {cfg.freeze_last_layer}")
     if cfg.resume and cfg.resume != "latest" and not os.path.isfile(cfg.resume):
         fail(f"--resume {cfg.resume!r} is neither 'latest' nor an existing checkpoint file")
+    return tasks, weights
 
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by setup()."""
+    cfg: TrainConfig
+    tasks: tuple
+    weights: dict
+    rank: int
+    world: int
+    device: torch.device
+    total: int
+    model: torch.nn.Module
+    teacher: torch.nn.Module
+    objectives: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    student: torch.nn.Module
+    autocast: object
+    loader: object
+    val_loader: object
+    step: int
+    ckpt_path: str
+    metrics_path: str
+    train_shards: list
+
+
+def setup(cfg):
+    tasks, weights = check_config(cfg)
     rank, _, world, device = setup_dist(cfg.device)
+    threads, why = pick_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(threads)
+    print0(f"threads: {threads} per process ({why})")
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -433,6 +486,10 @@ def main(argv=None):
     if cfg.image_size:
         model_cfg.vision.image_size = cfg.image_size
     size = model_cfg.vision.image_size
+    # The sigmoid losses start at the prior log-odds of their global batch (see HeadConfig): B
+    # captions per image for clip, about NAMES_PER_IMAGE * B names per name for ground.
+    model_cfg.heads.clip_bias = -math.log(max(cfg.batch_size * world - 1, 1))
+    model_cfg.heads.ground_bias = -math.log(max(NAMES_PER_IMAGE * cfg.batch_size * world - 1, 1))
 
     if cfg.data:
         train_shards = check_shards(cfg.data, tasks, "--data")
@@ -452,7 +509,7 @@ def main(argv=None):
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0:
         settings = {**asdict(cfg), "tasks": list(tasks), "loss_weights": weights, "total_steps": total,
-                    "world_size": world, "train_shards": len(train_shards), **run_info()}
+                    "world_size": world, "threads": threads, "train_shards": len(train_shards), **run_info()}
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(settings, f, indent=2)
         print0("settings:\n" + "\n".join(f"  {k:<18} {v}" for k, v in sorted(asdict(cfg).items())))
@@ -486,7 +543,7 @@ def main(argv=None):
         with open(metrics_path, "w") as f:
             f.writelines(kept)
 
-    # Without clip and ssl nothing reads the attention-pool head (and depth alone skips the final norm):
+    # Without clip and ssl nothing reads the attention-pool head:
     # DDP must then be told that some parameters get no gradient.
     unused = not {"clip", "ssl"} & set(tasks)
     ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
@@ -499,82 +556,112 @@ def main(argv=None):
     loader = make_loader(cfg, train_shards, tasks, model, aug, skip=step, seed=cfg.seed)
     val_loader = (make_loader(cfg, val_shards, tasks, model, aug, skip=0, seed=cfg.seed + 1,
                               repeat=False, workers=0) if val_shards else None)
+    return Run(cfg, tasks, weights, rank, world, device, total, model, teacher, objectives, optimizer, student,
+               autocast, loader, val_loader, step, ckpt_path, metrics_path, train_shards)
 
-    def checkpoint_state():
-        return {"model": model.state_dict(), "model_config": model.config_dict(),
-                "teacher": teacher.state_dict() if teacher is not None else None,
-                "objectives": objectives.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "rng": {"torch": torch.get_rng_state()},
-                "data": {"batches_seen": step, "seed": cfg.seed, "shards": train_shards},
-                "train_config": {**asdict(cfg), "tasks": list(tasks), "total_steps": total}}
 
-    # -- the loop --------------------------------------------------------------------------------
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at log steps, no sync per step
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+def checkpoint_state(r):
+    return {"model": r.model.state_dict(), "model_config": r.model.config_dict(),
+            "teacher": r.teacher.state_dict() if r.teacher is not None else None,
+            "objectives": r.objectives.state_dict(), "optimizer": r.optimizer.state_dict(),
+            "step": r.step, "rng": {"torch": torch.get_rng_state()},
+            "data": {"batches_seen": r.step, "seed": r.cfg.seed, "shards": r.train_shards},
+            "train_config": {**asdict(r.cfg), "tasks": list(r.tasks), "total_steps": r.total}}
+
+
+def frozen_prototypes(model):
+    """The DINO and iBOT prototype layers, which DINO and DINOv2 keep fixed during the first epoch
+    (freeze_last_layer): while the projection MLP is still random, moving the prototypes as well
+    makes the softmax targets collapse or swing."""
+    return [p for n, p in model.named_parameters() if ".last_layer." in n and p.requires_grad]
+
+
+def train_step(r, batch, lr, wd):
+    """One optimizer step; returns (loss, per-task log values, gradient norm, teacher temperature)."""
+    cfg = r.cfg
+    for g in r.optimizer.param_groups:
+        g["lr"] = lr
+        g["weight_decay"] = wd if g["decay"] else 0.0
+    with r.autocast:
+        out = r.student(batch)
+        target = r.teacher(batch) if r.teacher is not None else None
+    temp = losses.teacher_temp_schedule(r.step, int(0.3 * r.total), 0.04, cfg.teacher_temp)
+    parts, logs = r.objectives(out, target, batch, temp)
+    loss = sum(r.weights[k] * v for k, v in parts.items())
+    r.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if r.step < cfg.freeze_last_layer * r.total:  # DINO: the first epoch; here a fraction of the steps
+        for p in frozen_prototypes(r.model):
+            p.grad = None  # AdamW skips a parameter without a gradient: no update, no decay
+    grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)
+    r.optimizer.step()
+    if r.teacher is not None:
+        ema_update(r.teacher, r.model, cosine(r.step, r.total, cfg.teacher_momentum, 1.0))
+    return loss, logs, grad_norm, temp
+
+
+def train_loop(r):
+    cfg = r.cfg
+    nonfinite = torch.zeros((), dtype=torch.bool, device=r.device)  # checked at log steps, no sync per step
+    bar = tqdm(total=r.total, initial=r.step, disable=r.rank != 0, desc="train", dynamic_ncols=True)
     t_last, steps_since = time.perf_counter(), 0
-    it = iter(loader)
-    while step < total:
-        lr = lr_at(step, cfg, total)
-        wd = cosine(step, total, cfg.weight_decay, cfg.weight_decay_end)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-            g["weight_decay"] = wd if g["decay"] else 0.0
-        batch = to_device(next(it), device)
-
-        with autocast:
-            out = student(batch)
-            target = teacher(batch) if teacher is not None else None
-        temp = losses.teacher_temp_schedule(step, int(0.3 * total), 0.04, cfg.teacher_temp)
-        parts, logs = objectives(out, target, batch, temp)
-        loss = sum(weights[k] * v for k, v in parts.items())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    it = iter(r.loader)
+    while r.step < r.total:
+        lr = lr_at(r.step, cfg, r.total)
+        wd = cosine(r.step, r.total, cfg.weight_decay, cfg.weight_decay_end)
+        loss, logs, grad_norm, temp = train_step(r, to_device(next(it), r.device), lr, wd)
         nonfinite |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
-        optimizer.step()
-        if teacher is not None:
-            ema_update(teacher, model, cosine(step, total, cfg.teacher_momentum, 1.0))
-        step += 1
+        r.step += 1
         steps_since += 1
         bar.update(1)
 
-        last = step == total
-        if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or last:
+        last = r.step == r.total
+        if r.step % cfg.log_every == 0 or r.step % cfg.ckpt_every == 0 or last:
             if nonfinite.item():
-                fail(f"the loss or its gradient became NaN/inf between step {step - steps_since} and "
-                     f"{step}; the last good checkpoint ({ckpt_path}) is kept; lower --lr or check the data")
-            if device.type == "cuda":
+                fail(f"the loss or its gradient became NaN/inf between step {r.step - steps_since} and "
+                     f"{r.step}; the last good checkpoint ({r.ckpt_path}) is kept; lower --lr or check the data")
+            if r.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t_last) / steps_since
-            row = {"step": step, "loss": loss.item(), "lr": lr, "wd": wd, "grad_norm": float(grad_norm),
+            row = {"step": r.step, "loss": loss.item(), "lr": lr, "wd": wd, "grad_norm": float(grad_norm),
                    "teacher_temp": temp, **{k: float(v.detach()) for k, v in logs.items()},
-                   "ms_per_step": 1000 * dt, "img_per_s": cfg.batch_size * world / dt,
-                   "mem_gb": memory_gb(device)}
-            if val_loader is not None and (step % (cfg.val_every or cfg.ckpt_every) == 0 or last):
-                row.update(validate(model, teacher, objectives, val_loader, cfg.val_batches, device,
-                                    autocast, temp))
-            if rank == 0:
-                with open(metrics_path, "a") as f:
+                   "ms_per_step": 1000 * dt, "img_per_s": cfg.batch_size * r.world / dt,
+                   "mem_gb": memory_gb(r.device)}
+            if r.val_loader is not None and (r.step % (cfg.val_every or cfg.ckpt_every) == 0 or last):
+                row.update(validate(r.model, r.teacher, r.objectives, r.val_loader, cfg.val_batches, r.device,
+                                    r.autocast, temp))
+            if r.rank == 0:
+                with open(r.metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 shown = " ".join(f"{k} {row[k]:.3f}" for k in ("loss", "clip", "dino", "ibot", "depth", "ground")
                                  if k in row)
-                bar.write(f"step {step:>6}/{total} | {shown} | lr {lr:.2e} | {row['ms_per_step']:.0f} ms/step"
+                bar.write(f"step {r.step:>6}/{r.total} | {shown} | lr {lr:.2e} | {row['ms_per_step']:.0f} ms/step"
                           f" | {row['img_per_s']:.0f} img/s | mem {row['mem_gb']:.2f} GB")
             t_last, steps_since = time.perf_counter(), 0
-        if rank == 0 and (step % cfg.ckpt_every == 0 or last):
-            save_checkpoint(ckpt_path, checkpoint_state())
-            plot_losses(metrics_path, os.path.join(cfg.out, "losses.png"))
+        if r.rank == 0 and (r.step % cfg.ckpt_every == 0 or last):
+            save_checkpoint(r.ckpt_path, checkpoint_state(r))
+            plot_losses(r.metrics_path, os.path.join(cfg.out, "losses.png"))
     bar.close()
-    print0(f"done: {step} steps; checkpoint {ckpt_path}, logs {metrics_path}, "
-           f"curves {os.path.join(cfg.out, 'losses.png')}")
+    del it
 
-    # gloo can abort at interpreter exit while DDP, optimizer or loader workers are still alive:
-    # release them, then leave the process group together.
-    del student, ddp, model, teacher, optimizer, loader, it, val_loader
+
+def teardown(r):
+    """gloo can abort at interpreter exit while DDP, optimizer or loader workers are still alive:
+    release them, then leave the process group together."""
+    r.student = r.model = r.teacher = r.optimizer = r.loader = r.val_loader = None
     gc.collect()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def main(argv=None):
+    r = setup(parse_args(argv))
+    train_loop(r)
+    print0(f"done: {r.step} steps; checkpoint {r.ckpt_path}, logs {r.metrics_path}, "
+           f"curves {os.path.join(r.cfg.out, 'losses.png')}")
+    ckpt_path = r.ckpt_path
+    teardown(r)
     return ckpt_path
 
 

@@ -225,8 +225,8 @@ class Step:
                 r = m.ground_head(leaf(vis["patch"][:n]), grid, b["boxes"])  # (B, M, D)
             first = torch.argsort((~b["box_valid"]).flatten().byte(), stable=True)[: len(b["name_tokens"])]
             r = r.flatten(0, 1)[first]  # (R, D) the valid boxes, as MTV.forward gathers them
-            losses.ground_loss(r.float(), leaf(name).float(), b["name_id"], m.logit_scale.exp(),
-                               m.logit_bias)["ground"].backward()
+            losses.ground_loss(r.float(), leaf(name).float(), b["name_id"], m.ground_logit_scale.exp(),
+                               m.ground_logit_bias)["ground"].backward()
 
         return {"vision, 2 global views": vision_global, "vision, local views": vision_local,
                 "teacher, 2 global views (forward)": teacher, "text, captions": partial(text, b["text"]),

@@ -41,10 +41,16 @@ def one_thread():
     """One thread here and in the subprocesses (bit-identical runs; a small shared CPU is not
     oversubscribed); train.main's --deterministic switch is undone for the tests that follow."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    env = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # train.main sets its threads from it
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
+    if env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="module")

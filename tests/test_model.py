@@ -41,7 +41,7 @@ EXPECTED = {  # output keys of each task
     "clip": {"img", "txt", "logit_scale", "logit_bias"},
     "ssl": {"dino_global", "dino_local", "ibot", "pooled"},
     "depth": {"depth"},
-    "ground": {"region", "name", "logit_scale", "logit_bias"},
+    "ground": {"region", "name", "ground_logit_scale", "ground_logit_bias"},
 }
 HEADS = {"ssl": ("dino_head", "ibot_head"), "depth": ("depth_head",), "ground": ("ground_head",)}
 
@@ -95,7 +95,8 @@ def test_tiny_shapes(cfg):
     s, n, d = cfg.vision.image_size, (cfg.vision.image_size // cfg.vision.patch_size) ** 2, cfg.vision.width
     k, k2 = cfg.heads.dino_prototypes, cfg.heads.ibot_prototypes
     shapes = {"img": (B, d), "txt": (B, d), "logit_scale": (), "logit_bias": (), "dino_global": (G * B, k),
-              "pooled": (G * B, d), "dino_local": (L * B, k), "ibot": (B, n, k2), "depth": (B, s, s), "region": (3, d), "name": (3, d)}
+              "pooled": (G * B, d), "dino_local": (L * B, k), "ibot": (B, n, k2), "depth": (B, s, s), "region": (3, d), "name": (3, d),
+              "ground_logit_scale": (), "ground_logit_bias": ()}
     assert {key: tuple(v.shape) for key, v in out.items()} == shapes
     assert torch.allclose(out["logit_scale"], torch.tensor(10.0)) and out["logit_bias"].item() == -10
     assert torch.allclose(out["img"].norm(dim=-1), torch.ones(B)) and (out["depth"] >= 0).all()
@@ -145,7 +146,7 @@ def test_each_task_trains_what_it_uses(cfg, task):
     assert set(out) == EXPECTED[task]
     sum(v.mul(torch.randn_like(v)).sum() for v in out.values()).backward()  # a surrogate loss
     no_grad = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())}
-    unused = {"depth": ("vision.norm.", "vision.head."), "ground": ("vision.head.",)}.get(task, ())
+    unused = {"depth": ("vision.head.",), "ground": ("vision.head.",)}.get(task, ())
     assert no_grad == {n for n, _ in model.named_parameters() if n.startswith(unused)}
 
 
@@ -194,7 +195,7 @@ def test_tower_parameter_counts_equal_siglip(preset):
     with torch.device("meta"):
         ours = mtv.MTV(cfg)
         siglip = transformers.SiglipModel(config)
-    heads = ("dino_head.", "ibot_head.", "depth_head.", "ground_head.", "vision.mask_token")
+    heads = ("dino_head.", "ibot_head.", "depth_head.", "ground_head.", "ground_logit_", "vision.mask_token")
     towers = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith(heads))
     assert towers == sum(p.numel() for p in siglip.parameters())
     if preset == "B/16":

@@ -1,0 +1,146 @@
+"""The training recipe against its references: the caption view stays true to its caption, weight
+decay spares the position tables, the SSL prototypes are frozen at the start (DINO), the DPT head
+reads normalised taps (Depth Anything V2), the sigmoid biases start at their batch's prior, names
+that differ only in size are one grounding class, KoLeo sums its two views (DINOv2), and train.py
+picks its threads without oversubscribing."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import losses
+import mtv
+import pseudolabel
+import train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    data.main(["--out", str(root / "raw"), "--n", "16", "--size", "32"])
+    pseudolabel.main(["--shards", str(root / "raw" / "*.tar"), "--out", str(root / "lab"),
+                      "--depth-expert", "simulated", "--ground-expert", "simulated"])
+    return str(root / "lab" / "*.tar")
+
+
+def run(shards, out, tasks, *extra):
+    train.main(["--tasks", tasks, "--data", shards, "--steps", "1", "--batch-size", "4", "--image-size", "32",
+                "--workers", "0", "--n-local", "2", "--log-every", "1", "--out", str(out), *extra])
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+def test_mirror_caption_swaps_left_and_right():
+    assert data.mirror_caption("The red cube is left of the blue cone. Left of it: right.") == \
+        "The red cube is right of the blue cone. Right of it: left."
+    assert data.mirror_caption("A bright light on the floor.") == "A bright light on the floor."  # words only
+
+
+def sample_with_relation(size=32):
+    image = np.zeros((size, size, 3), np.uint8)
+    image[:, : size // 2] = 255  # a white left half: whether a view is flipped can be read off it
+    return {"key": "k", "image": image, "caption": "A red cube is left of a blue cone."}
+
+
+def test_caption_view_is_true_of_its_caption():
+    """View 0 under clip: flipped -> caption mirrored (the white half moves right); cropped at
+    0.9-1 of the area, not DINO's 0.35-1."""
+    rng = np.random.default_rng(0)
+    sample = sample_with_relation()
+    for flip, relation in ((1.0, "right of"), (0.0, "left of")):
+        aug = data.AugConfig(size=32, flip=flip, jitter=0)
+        v = data.make_views(sample, rng, aug, ("clip",))
+        white_left = v["global"][0, :, :, :8].mean() > v["global"][0, :, :, -8:].mean()
+        assert relation in v["caption"] and white_left == (flip == 0.0)
+    areas = []
+    real = data.random_crop
+    data.random_crop = lambda rng, h, w, scale, *a: areas.append(scale) or real(rng, h, w, scale, *a)
+    try:
+        data.make_views(sample, rng, data.AugConfig(size=32, n_local=0), ("clip", "ssl"))
+        data.make_views(sample, rng, data.AugConfig(size=32, n_local=0), ("ssl",))
+    finally:
+        data.random_crop = real
+    assert areas == [(0.9, 1.0), (0.35, 1.0), (0.35, 1.0), (0.35, 1.0)]  # caption view; ssl view 1; ssl alone
+
+
+def test_position_tables_are_not_decayed():
+    model = mtv.MTV(mtv.build_config("tiny"))
+    decay, plain = train.param_groups(model, 0.04)
+    plain_ids = {id(p) for p in plain["params"]}
+    for name in ("vision.pos_embed", "text.pos_embed", "vision.head.probe", "text.token_embed.weight"):
+        assert id(dict(model.named_parameters())[name]) in plain_ids, name
+    assert id(model.vision.patch_embed.weight) in {id(p) for p in decay["params"]}
+
+
+def test_prototypes_frozen_at_the_start(shards, tmp_path):
+    """Within --freeze-last-layer the DINO/iBOT prototype layers keep their initial values while
+    the rest of the SSL head learns; with 0 they move from the first step."""
+    init = mtv.MTV.initialised(mtv.config_from_dict(run(shards, tmp_path / "a", "ssl", "--freeze-last-layer", "0.5")
+                                                     ["model_config"]["config"]), ("ssl",), 0).state_dict()
+    for freeze, out in (("0.5", tmp_path / "a"), ("0", tmp_path / "b")):
+        ck = run(shards, out, "ssl", "--freeze-last-layer", freeze) if freeze == "0" else \
+            torch.load(out / "checkpoint.pt", weights_only=True)
+        w = ck["model"]
+        proto = [k for k in w if ".last_layer.parametrizations.weight.original1" in k]
+        assert len(proto) == 2 and torch.equal(w["dino_head.mlp.0.weight"], init["dino_head.mlp.0.weight"]) is False
+        assert all(torch.equal(w[k], init[k]) for k in proto) == (freeze == "0.5"), freeze
+
+
+def test_depth_head_reads_normalised_taps(monkeypatch):
+    model = mtv.MTV(mtv.build_config("tiny"), ("depth",)).eval()
+    seen = []
+    real = model.depth_head.forward
+    monkeypatch.setattr(model.depth_head, "forward", lambda layers, *a: seen.extend(layers) or real(layers, *a))
+    x = torch.randn(2, 3, 64, 64)
+    raw = model.vision(x, layers=model.depth_head.layers, pool=False)["layers"]
+    with torch.no_grad():
+        model.predict_depth(x)
+    assert len(seen) == 4
+    for tap, r in zip(seen, raw):
+        torch.testing.assert_close(tap, model.vision.norm(r))
+        assert tap.mean(-1).abs().max() < 1e-4 and not torch.allclose(tap, r)
+
+
+def test_sigmoid_biases_start_at_the_batch_prior(shards, tmp_path):
+    """clip: -log(B - 1) over the global batch (SigLIP's -10 is that for 32k); ground its own scale
+    and bias, at -log(2.5 B - 1)."""
+    ck = run(shards, tmp_path / "r", "clip,ground", "--lr", "0")
+    heads = ck["model_config"]["config"]["heads"]
+    assert heads["clip_bias"] == pytest.approx(-math.log(3)) and heads["ground_bias"] == pytest.approx(-math.log(9))
+    assert ck["model"]["logit_bias"].item() == pytest.approx(-math.log(3))
+    assert ck["model"]["ground_logit_bias"].item() == pytest.approx(-math.log(9))
+    assert "ground_logit_scale" in ck["model"]
+
+
+def test_names_differing_in_size_are_one_grounding_class():
+    assert data.entity_id("small red cube") == data.entity_id("red cube") == data.entity_id("Large red cube")
+    assert data.entity_id("red cube") != data.entity_id("red cone") and data.entity_id("small") != 0
+    tok = mtv.build_tokenizer(mtv.build_config("tiny").text)
+    b = data.collate([{"caption": "x", "boxes": torch.zeros(2, 4), "names": ["small red cube", "blue cone"]},
+                      {"caption": "y", "boxes": torch.zeros(1, 4), "names": ["red cube"]}], tok)
+    assert b["name_id"][0] == b["name_id"][2] != b["name_id"][1]
+    assert not torch.equal(b["name_tokens"][0], b["name_tokens"][2])  # each is embedded as written
+
+
+def test_koleo_sums_the_two_views():
+    cfg = train.TrainConfig(koleo=1.0)
+    model = mtv.MTV(mtv.build_config("tiny"), ("ssl",))
+    obj = train.Objectives(model, ("ssl",), cfg)
+    g = torch.Generator().manual_seed(0)
+    K, K2 = model.cfg.heads.dino_prototypes, model.cfg.heads.ibot_prototypes
+    out = {"dino_global": torch.randn(8, K, generator=g), "pooled": torch.randn(8, 16, generator=g),
+           "ibot": torch.randn(4, 4, K2, generator=g)}
+    target = {"dino_global": torch.randn(8, K, generator=g), "ibot": torch.randn(4, 4, K2, generator=g)}
+    _, logs = obj(out, target, {"ibot_mask": torch.ones(4, 4, dtype=torch.bool)}, 0.04)
+    a, b = out["pooled"].chunk(2)
+    torch.testing.assert_close(logs["koleo"], losses.koleo_loss(a) + losses.koleo_loss(b))
+
+
+def test_threads_follow_the_environment_or_the_cores(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert train.pick_threads(1) == (1, "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert train.pick_threads(2)[0] == 4 and train.pick_threads(16)[0] == 1
