@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := runs/demo
 
-.PHONY: demo test install clean-demo ablate
+.PHONY: demo test install clean-demo ablate ablate-runs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ demo: $(VENV)/.installed
 	@echo "demo done: see $(DEMO)/preview.png, $(DEMO)/train/losses.png, $(DEMO)/train/eval/"
 
 # The paper's Figure 1 ladder on the toy world: every row of ROWS x every seed of SEEDS is trained
-# and evaluated, then aggregated into runs/ablate/compare.md and radar.png. Override any variable:
+# and evaluated, in LANES parallel runs of one thread each (two 2-thread runs on 2 cores run ~20x
+# slower than two 1-thread runs); finished runs are skipped and half-done ones resumed, so the
+# target can be rerun after an interruption. The untrained model of INIT_ROW is evaluated for
+# every seed (--init), then everything is aggregated into $(ABLATE)/compare.md and radar.png.
+# Override any variable:
 #   make ablate ROWS="clip,ssl,depth,ground ssl,depth,ground clip,depth,ground clip,ssl,ground clip,ssl,depth"
 #   make ablate ROWS="clip ssl depth ground"             each objective alone
 #   make ablate ABLATE=runs/data-2k TOY_N=2000           data scaling (number of training scenes)
@@ -40,23 +44,52 @@ SEEDS  ?= 0 1 2
 ABLATE ?= runs/ablate
 MODEL  ?= tiny
 SIZE   ?= 32
-STEPS  ?= 300
+STEPS  ?= 1000
+LR     ?= 3e-4
 BATCH  ?= 32
+NLOCAL ?= 2
 TOY_N  ?= 8000
-EVAL_N ?= 400
+EVAL_N ?= 2000
+LANES  ?= $(shell nproc)
+INIT_ROW ?= $(lastword $(ROWS))
 comma  := ,
+TOYDATA = runs/toy-data/n$(TOY_N)-px$(SIZE)
 RUNS    = $(foreach t,$(ROWS),$(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(t))-seed$(s)))
+INITS   = $(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(INIT_ROW))-seed$(s)/eval-init/results.json)
+ONE     = OMP_NUM_THREADS=1 $(PY)
+run_tasks = $(subst +,$(comma),$(firstword $(subst -seed, ,$(1))))
+run_seed  = $(lastword $(subst -seed, ,$(1)))
+reverse   = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 
-ablate: $(VENV)/.installed
-	@for t in $(ROWS); do for s in $(SEEDS); do \
-		run=$(ABLATE)/$$(echo $$t | tr , +)-seed$$s; \
-		[ -f $$run/eval/results.json ] && { echo "$$run done"; continue; }; \
-		$(PY) train.py --tasks $$t --seed $$s --model $(MODEL) --image-size $(SIZE) --steps $(STEPS) \
-			--batch-size $(BATCH) --toy-n $(TOY_N) --log-every 50 --ckpt-every 100 --out $$run \
-			--resume latest || exit 1; \
-		$(PY) evaluate.py $$run/checkpoint.pt --n $(EVAL_N) || exit 1; \
-	done; done
+ablate: $(VENV)/.installed $(TOYDATA)/labelled/summary.json
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory -j $(LANES) ablate-runs || exit 1; \
+	echo "ablate: $(words $(RUNS)) runs in $(LANES) lanes, $$(( ($$(date +%s) - start) / 60 )) min wall"
 	$(PY) evaluate.py --compare $(RUNS) --out $(ABLATE)
+
+# the dearest rows first, so that no lane idles at the end while another finishes a long run
+ablate-runs: $(addsuffix /eval/results.json,$(call reverse,$(RUNS))) $(INITS)
+
+# The toy world once, as train.py would make it, so that parallel lanes do not race to write it.
+$(TOYDATA)/labelled/summary.json:
+	$(PY) data.py --out $(TOYDATA)/raw --n $(TOY_N) --val-n 512 --size $(SIZE) --seed 0
+	$(PY) pseudolabel.py --shards '$(TOYDATA)/raw/*.tar' --out $(TOYDATA)/labelled \
+		--depth-expert simulated --ground-expert simulated
+
+$(ABLATE)/%/eval/results.json: $(TOYDATA)/labelled/summary.json
+	@mkdir -p $(ABLATE)/$* && echo "start $* (log: $(ABLATE)/$*/log.txt)"
+	@$(ONE) train.py --tasks $(call run_tasks,$*) --seed $(call run_seed,$*) --model $(MODEL) \
+		--image-size $(SIZE) --steps $(STEPS) --lr $(LR) --batch-size $(BATCH) --n-local $(NLOCAL) \
+		--toy-n $(TOY_N) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
+		> $(ABLATE)/$*/log.txt 2>&1 || { tail -3 $(ABLATE)/$*/log.txt; exit 1; }
+	@$(ONE) evaluate.py $(ABLATE)/$*/checkpoint.pt --n $(EVAL_N) > $(ABLATE)/$*/eval.log 2>&1 \
+		|| { tail -3 $(ABLATE)/$*/eval.log; exit 1; }
+	@echo "done  $* ($$(tail -1 $(ABLATE)/$*/metrics.jsonl | cut -c1-60)...)"
+
+$(ABLATE)/%/eval-init/results.json: $(ABLATE)/%/eval/results.json
+	@$(ONE) evaluate.py $(ABLATE)/$*/checkpoint.pt --n $(EVAL_N) --init > $(ABLATE)/$*/eval-init.log 2>&1 \
+		|| { tail -3 $(ABLATE)/$*/eval-init.log; exit 1; }
+	@echo "done  $* at initialisation"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
