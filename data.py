@@ -881,7 +881,8 @@ def generate(out, n, val_n=0, size=64, seed=0, shard_size=1000):
 
 
 def preview(shard, png, n=8):
-    """A grid of the first n samples: image with boxes and names, depth maps, caption as title."""
+    """A grid of the first n samples: true and pseudo boxes on separate panels, depth maps, the
+    caption as title; the figure's title says which labels the shard holds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -895,33 +896,50 @@ def preview(shard, png, n=8):
             break
     if not samples:
         _die(f"{shard} holds no readable samples")
-    panels = [p for p in ("gt_depth", "depth") if any(p in s for s in samples)]
+    has = lambda key: any(key in s for s in samples)
+    # Per sample a column of panels: the true boxes, the pseudo boxes (their own panel, with their
+    # scores, so that an expert's misses, false positives and confused names can be seen), then
+    # true and pseudo inverse depth; only the panels the shard has data for.
+    panels = [p for p, key in (("truth", "gt"), ("pseudo", "ground"), ("gt_depth", "gt_depth"),
+                               ("depth", "depth")) if has(key)] or ["image"]
     cols = min(4, len(samples))
-    rows = math.ceil(len(samples) / cols) * (1 + len(panels))
+    rows = math.ceil(len(samples) / cols) * len(panels)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for i, s in enumerate(samples):
-        r, c = i // cols * (1 + len(panels)), i % cols
-        ax = axes[r, c]
-        ax.imshow(s["image"])
-        ax.set_title("\n".join(textwrap.wrap(s["caption"], 42)), fontsize=7)
-        h, w = s["image"].shape[:2]
-        boxes = [(o["box"], o["name"], "lime", "-") for o in s.get("gt", {}).get("objects", [])]
-        boxes += [(e["box"], e["name"], "orange", "--") for e in s.get("ground", {}).get("entities", [])]
-        for (x0, y0, x1, y1), name, color, style in boxes:
+
+    def draw_boxes(ax, boxes, color, h, w):
+        for (x0, y0, x1, y1), label in boxes:
             ax.add_patch(plt.Rectangle((x0 * w - 0.5, y0 * h - 0.5), (x1 - x0) * w, (y1 - y0) * h,
-                                       fill=False, color=color, ls=style, lw=1))
-            ax.text(x0 * w, y0 * h - 1, name, color=color, fontsize=6, va="bottom")
-        for j, panel in enumerate(panels, 1):
-            if panel not in s:
-                continue
-            inv = 1 / s["gt_depth"] if panel == "gt_depth" else np.where(s["depth_valid"], s["depth"], np.nan)
-            axes[r + j, c].imshow(inv, cmap="magma")           # inverse depth: near is bright, sky is 0
-            axes[r + j, c].set_title(f"{'true' if panel == 'gt_depth' else 'pseudo-label'} inverse depth",
-                                     fontsize=7)
-    fig.suptitle(f"{shard}: green = true boxes, orange dashed = pseudo-labels", fontsize=9)
-    fig.tight_layout()
+                                       fill=False, color=color, lw=1))
+            ax.text(x0 * w, y0 * h - 1, label, color=color, fontsize=6, va="bottom",
+                    bbox={"facecolor": "black", "alpha": 0.5, "pad": 0.5, "lw": 0})
+
+    for i, s in enumerate(samples):
+        r, c = i // cols * len(panels), i % cols
+        h, w = s["image"].shape[:2]
+        for j, panel in enumerate(panels):
+            ax = axes[r + j, c]
+            if panel in ("truth", "pseudo", "image"):
+                ax.imshow(s["image"])
+            if panel == "truth" and "gt" in s:
+                draw_boxes(ax, [(o["box"], o["name"]) for o in s["gt"]["objects"]], "lime", h, w)
+                ax.set_title("true boxes", fontsize=7)
+            if panel == "pseudo" and "ground" in s:
+                draw_boxes(ax, [(e["box"], f"{e['name']} {e.get('score', 1):.2f}") for e in s["ground"]["entities"]],
+                           "orange", h, w)
+                ax.set_title(f"pseudo boxes ({s['ground'].get('expert', '?')}), with scores", fontsize=7)
+            if panel == "gt_depth" and "gt_depth" in s:
+                ax.imshow(1 / s["gt_depth"], cmap="magma")     # inverse depth: near is bright, sky is 0
+                ax.set_title("true inverse depth", fontsize=7)
+            if panel == "depth" and "depth" in s:
+                ax.imshow(np.where(s["depth_valid"], s["depth"], np.nan), cmap="magma")
+                ax.set_title("pseudo-label inverse depth", fontsize=7)
+        axes[r, c].set_title("\n".join(textwrap.wrap(s["caption"], 42)) + "\n" + axes[r, c].get_title(), fontsize=7)
+    held = [what for key, what in (("gt", "truth"), ("ground", "pseudo boxes"), ("depth", "pseudo depth"))
+            if has(key)]
+    fig.suptitle(f"{shard}: " + (", ".join(held) if held else "images and captions only (no labels)"), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
@@ -937,14 +955,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    p = _Parser(description="Write toy-world shards, or preview a shard.")
-    p.add_argument("--out", help="directory for train-NNNNNN.tar and val-NNNNNN.tar")
-    p.add_argument("--n", type=int, help="number of training scenes")
+    p = _Parser(description="Write toy-world shards, or preview a shard.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", help="directory for train-NNNNNN.tar and val-NNNNNN.tar (required to write)")
+    p.add_argument("--n", type=int, help="number of training scenes (required to write)")
     p.add_argument("--val-n", type=int, default=0, help="number of validation scenes (disjoint scenes)")
-    p.add_argument("--size", type=int, default=64, help="image size in pixels")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels, at least 32")
     p.add_argument("--seed", type=int, default=0, help="world seed: scene i is render_scene(seed, i)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--preview", metavar="SHARD", help="draw the first samples of this shard ...")
+    p.add_argument("--preview", metavar="SHARD", help="draw the first 8 samples of this shard ...")
     p.add_argument("--png", help="... into this PNG file")
     args = p.parse_args(argv)
     if args.preview is not None:

@@ -25,6 +25,7 @@ toy world the summary also scores the labels against the truth, before and after
 """
 
 import argparse
+import difflib
 import itertools
 import json
 import math
@@ -626,16 +627,32 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name, as the Hugging Face hub names models
+
+
+def check_expert_name(flag, name):
+    """Before any download is tried: an expert is 'simulated', 'none', a model folder or a hub
+    owner/name. A typo fails at once with the closest valid word, not after minutes of hub retries."""
+    if name in ("simulated", "none") or os.path.isdir(name) or HUB_NAME.fullmatch(name):
+        return
+    if name.startswith((".", "/", "~")):
+        fail(f"{flag} {name!r}: no such model folder; experts are a hub name, a model folder, 'simulated' or 'none'")
+    close = difflib.get_close_matches(name, ["simulated", "none"], n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    fail(f"{flag} {name!r} is neither 'simulated', 'none', an existing model folder nor a hub name "
+         f"owner/name; {hint}e.g. depth-anything/Depth-Anything-V2-Small-hf")
+
+
 def parse_args(argv):
     d = LabelConfig("", "", "", "")
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shards", required=True, help="glob of input webdataset tar shards (quote it)")
     p.add_argument("--out", required=True, help="output folder: labelled shards with the same names, summary.json")
     expert = "hub name or local folder (transformers), 'simulated' (toy world, from its truth) or 'none'"
     p.add_argument("--depth-expert", required=True, help=f"depth expert: {expert}")
     p.add_argument("--ground-expert", required=True, help=f"grounding expert: {expert}")
     p.add_argument("--device", choices=["cuda", "cpu"], default=d.device or None,
-                   help="default: cuda when available (under torchrun: the rank's local GPU)")
+                   help="None = cuda when available (under torchrun: the rank's local GPU)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per expert forward pass")
     p.add_argument("--noise", type=float, default=d.noise,
                    help="simulated experts' label noise: 0 = perfect, 1 = moderate (about a real expert's), 2 = poor")
@@ -657,6 +674,8 @@ def parse_args(argv):
                             ("--min-box-size", 0 <= cfg.min_box_size < 1, "in [0, 1)")):
         if not ok:
             fail(f"{flag} {getattr(cfg, flag[2:].replace('-', '_'))} is invalid; it must be {valid}")
+    for flag, name in (("--depth-expert", cfg.depth_expert), ("--ground-expert", cfg.ground_expert)):
+        check_expert_name(flag, name)
     if cfg.depth_expert == "none" and cfg.ground_expert == "none":
         fail("--depth-expert and --ground-expert are both 'none', so there is nothing to label")
     return cfg

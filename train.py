@@ -97,7 +97,26 @@ def parse_args(argv):
         "resume": "'latest' continues OUT/checkpoint.pt; or a checkpoint path",
         "toy_n": "number of toy-world training scenes made when --data is empty",
         "deterministic": "deterministic kernels (CPU: bit-identical resume)",
-        "compile": "torch.compile the model",
+        "compile": "torch.compile the model (minutes of compilation first, then faster steps)",
+        "steps": "optimizer steps to train (one step = one batch per process)",
+        "lr": "peak AdamW learning rate, reached after the warmup, then cosine to --min-lr",
+        "min_lr": "learning rate at the last step",
+        "warmup": "fraction of the steps (0..1) with a linear learning-rate warmup from 0",
+        "weight_decay": "AdamW weight decay at step 0, cosine-increased to --weight-decay-end (DINO); biases, "
+                        "norms, position tables and tokens are not decayed",
+        "weight_decay_end": "weight decay at the last step",
+        "grad_clip": "clip the global gradient norm to this value",
+        "n_local": "DINO local crops per image (half the image size each), with ssl only",
+        "image_size": "input resolution in pixels, a multiple of the patch size; 0 = the preset's",
+        "out": "run folder: checkpoint.pt, metrics.jsonl, losses.png, config.json",
+        "seed": "seed of the model's initialisation and the augmentations (not of the toy data)",
+        "workers": "data-loading processes per training process (0 = load in the training process)",
+        "shuffle_buffer": "samples held in the shuffle buffer of the shard reader",
+        "log_every": "steps between log lines and metrics.jsonl rows",
+        "ckpt_every": "steps between checkpoints (and validation, unless --val-every)",
+        "val_every": "steps between validation passes; 0 = at every checkpoint",
+        "val_batches": "batches per validation pass",
+        "device": "cpu, cuda or cuda:N; empty = cuda if available, else cpu",
         "koleo": "weight of DINOv2's KoLeo term on the student's global features, summed over the two "
                  "global views as DINOv2 does; 0 = off",
         "freeze_last_layer": "fraction of the steps during which the DINO/iBOT prototype layers do not "
@@ -287,28 +306,67 @@ def memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def plot_losses(metrics_path, png_path):
-    """One panel per logged loss, training (and validation, dashed) against the step."""
+def reference_levels(model_cfg, global_batch):
+    """What each logged curve is read against: the loss of a model that tells nothing apart
+    (uniform), and the most a teacher's entropy can be (log K, uniform over K prototypes)."""
+    h, B = model_cfg.heads, global_batch
+    return {"clip": -math.log(1 / B) - (B - 1) * math.log(1 - 1 / B),  # every pair at probability 1/B
+            "dino": math.log(h.dino_prototypes), "ibot": math.log(h.ibot_prototypes),
+            "dino_teacher_entropy": math.log(h.dino_prototypes), "ibot_teacher_entropy": math.log(h.ibot_prototypes),
+            "clip_gap": 0.0, "ground_gap": 0.0}
+
+
+def smooth(values, weight=0.6):
+    """Exponential moving average, light enough that a trend's turning points stay where they are."""
+    out, m = [], None
+    for v in values:
+        m = v if m is None else weight * m + (1 - weight) * v
+        out.append(m)
+    return out
+
+
+def plot_losses(metrics_path, png_path, refs=None):
+    """Top row: each logged loss, training (raw and lightly smoothed) and validation (dashed),
+    with its uniform level. Bottom row: the learning signals: the positive-negative logit gap of
+    clip and ground (0 = no signal), the teacher entropies against their maximum log K (at the
+    maximum the teacher says nothing; far below it, collapse), and the lr schedule."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    refs = refs or {}
     rows = [json.loads(line) for line in open(metrics_path)]
-    keys = [k for k in ("loss", "clip", "dino", "ibot", "koleo", "depth", "ground")
-            if any(k in r for r in rows)]
-    if not keys:
+    for r in rows:
+        for t in ("clip", "ground"):
+            if f"{t}_pos_logit" in r and f"{t}_neg_logit" in r:
+                r[f"{t}_gap"] = r[f"{t}_pos_logit"] - r[f"{t}_neg_logit"]
+    top = [k for k in ("loss", "clip", "dino", "ibot", "koleo", "depth", "ground") if any(k in r for r in rows)]
+    bottom = [k for k in ("clip_gap", "ground_gap", "dino_teacher_entropy", "ibot_teacher_entropy", "lr")
+              if any(k in r for r in rows)]
+    if not top:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        tr = [(r["step"], r[k]) for r in rows if k in r]
-        va = [(r["step"], r["val_" + k]) for r in rows if "val_" + k in r]
-        ax.plot(*zip(*tr), label="train")
-        if va:
-            ax.plot(*zip(*va), "--o", ms=3, label="val")
-            ax.legend(fontsize=7)
-        ax.set_title(k)
-        ax.set_xlabel("step")
+    cols = max(len(top), len(bottom))
+    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 5.8), squeeze=False)
+    for i, keys in enumerate((top, bottom)):
+        for ax, k in zip(axes[i], keys):
+            steps, values = zip(*[(r["step"], r[k]) for r in rows if k in r])
+            noisy = len(values) >= 30 and k != "lr"  # smoothing sparse points would only lag
+            if noisy:
+                ax.plot(steps, values, color="C0", alpha=0.3, lw=1)
+            ax.plot(steps, smooth(values) if noisy else values, color="C0", label="train")
+            va = [(r["step"], r["val_" + k]) for r in rows if "val_" + k in r]
+            if va:
+                ax.plot(*zip(*va), "--o", color="C1", ms=3, label="val")
+            if k in refs:
+                what = "log K (maximum)" if k.endswith("entropy") else "no signal" if k.endswith("gap") else "uniform"
+                ax.axhline(refs[k], ls=":", color="gray", label=f"{what} {refs[k]:.2f}")
+            if va or k in refs:
+                ax.legend(fontsize=7)
+            ax.set_title(k.replace("_", " "), fontsize=9)
+            ax.set_xlabel("step")
+        for ax in axes[i][len(keys):]:
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -444,6 +502,10 @@ def check_config(cfg):
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(cfg, flag)}")
     if not 0 <= cfg.freeze_last_layer < 1:
         fail(f"--freeze-last-layer is a fraction of the steps in [0, 1), got {cfg.freeze_last_layer}")
+    patch = mtv.PRESETS[cfg.model].vision.patch_size
+    if cfg.image_size and (cfg.image_size < 0 or cfg.image_size % patch):
+        fail(f"--image-size {cfg.image_size} is not a positive multiple of the {cfg.model} preset's patch size "
+             f"{patch}; try {max(patch, round(cfg.image_size / patch) * patch)}")
     if cfg.resume and cfg.resume != "latest" and not os.path.isfile(cfg.resume):
         fail(f"--resume {cfg.resume!r} is neither 'latest' nor an existing checkpoint file")
     return tasks, weights
@@ -640,7 +702,8 @@ def train_loop(r):
             t_last, steps_since = time.perf_counter(), 0
         if r.rank == 0 and (r.step % cfg.ckpt_every == 0 or last):
             save_checkpoint(r.ckpt_path, checkpoint_state(r))
-            plot_losses(r.metrics_path, os.path.join(cfg.out, "losses.png"))
+            plot_losses(r.metrics_path, os.path.join(cfg.out, "losses.png"),
+                        reference_levels(r.model.cfg, cfg.batch_size * r.world))
     bar.close()
     del it
 
@@ -657,7 +720,15 @@ def teardown(r):
 
 def main(argv=None):
     r = setup(parse_args(argv))
-    train_loop(r)
+    try:
+        train_loop(r)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the checkpoint on disk is intact
+        last = torch.load(r.ckpt_path, map_location="cpu", weights_only=True, mmap=True)["step"] \
+            if os.path.exists(r.ckpt_path) else None
+        print(f"\ntrain.py: interrupted at step {r.step}; " + (
+            f"the last checkpoint is {r.ckpt_path} (step {last}); continue with --out {r.cfg.out} --resume latest"
+            if last is not None else "no checkpoint was written yet"), file=sys.stderr)
+        raise SystemExit(130)
     print0(f"done: {r.step} steps; checkpoint {r.ckpt_path}, logs {r.metrics_path}, "
            f"curves {os.path.join(r.cfg.out, 'losses.png')}")
     ckpt_path = r.ckpt_path

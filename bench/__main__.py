@@ -14,6 +14,8 @@ alike. The rows:
         simulated, and tiny random transformers experts built from configs) vs the step's images/s
     (e) CUDA only: model FLOP utilisation in bf16 of the B/16 preset's 4-task step, counted FLOPs /
         time / the device's dense bf16 peak
+    (f) CPU only: a sweep's images/s as make ablate runs it (one one-thread train.py per core) vs
+        one train.py with every core: what parallel lanes buy over one run at a time
 
 The tiny random experts are sized like the tests' ones, not like Depth Anything V2 or OWLv2: their
 rows time the code path (processor, model call, post-processing, encoding, writing), not the
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -415,6 +418,35 @@ def mfu(args, samples, rows, report):
                      "peak": peak, "memory_gb": torch.cuda.max_memory_allocated(args.device) / 2**30}
 
 
+def grid_throughput(args, shard, root, rows):
+    """A sweep's throughput (make ablate): as many one-thread training processes as cores, side by
+    side, against one process with every core; images/s of all lanes together over the one run's.
+    Each side is train.py itself on the same shard (clip, 32 px); the per-step time is read from
+    its metrics.jsonl (second half of the steps), so start-up and the first steps do not count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    steps = 10 if args.quick else 30
+
+    def launch(out, threads):
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py"),
+               "--tasks", "clip", "--data", shard, "--steps", str(steps), "--batch-size", str(args.batch),
+               "--image-size", "32", "--workers", "0", "--log-every", str(steps // 2), "--ckpt-every", str(steps),
+               "--out", out]
+        return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def images_per_s(outs, procs):
+        if any(p.wait() for p in procs):
+            raise RuntimeError("a bench training run failed")
+        return sum(json.loads(open(os.path.join(o, "metrics.jsonl")).readlines()[-1])["img_per_s"] for o in outs)
+
+    one = os.path.join(root, "grid-one")
+    single = images_per_s([one], [launch(one, cores)])
+    lanes = [os.path.join(root, f"grid-lane{i}") for i in range(cores)]
+    together = images_per_s(lanes, [launch(o, 1) for o in lanes])
+    rows.append(row("f", f"sweep images/s: {cores} lanes x 1 thread / 1 run x {cores} threads", together / single,
+                    f"clip, 32 px, batch {args.batch}: {together:.0f} against {single:.0f} images/s"))
+
+
 # -----------------------------------------------------------------------------------------------
 # Output
 
@@ -496,6 +528,9 @@ def main(argv=None):
         del step
         print("(e) MFU ...", flush=True)
         mfu(args, samples, rows, report)
+        if args.device.type == "cpu":
+            print("(f) sweep lanes ...", flush=True)
+            grid_throughput(args, shard, root, rows)
     print_table(rows, report)
     if args.json:
         with open(args.json, "w") as f:

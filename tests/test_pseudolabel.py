@@ -281,6 +281,8 @@ def test_real_experts_by_path(toy, experts, tmp_path):
     (["--ground-expert", "{tmp}/missing/folder"], "no such model folder"),
     (["--depth-expert", "none", "--ground-expert", "none"], "nothing to label"),
     (["--noise", "-1"], "--noise"),
+    (["--depth-expert", "simulted"], "did you mean 'simulated'?"),  # refused before any hub request
+    (["--ground-expert", "owlv2"], "hub name owner/name"),
 ])
 def test_cli_errors(toy, tmp_path, capsys, args, message):
     argv = ["--shards", str(toy / "train-*.tar"), "--out", str(tmp_path / "out"),

@@ -144,3 +144,17 @@ def test_threads_follow_the_environment_or_the_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert train.pick_threads(2)[0] == 4 and train.pick_threads(16)[0] == 1
+
+
+def test_bench_grid_throughput_row(tmp_path):
+    """python -m bench's row (f) runs train.py as lanes and as one run and reports their ratio."""
+    import argparse
+
+    from bench.__main__ import grid_throughput
+
+    data.main(["--out", str(tmp_path / "raw"), "--n", "16", "--size", "32"])
+    rows = []
+    grid_throughput(argparse.Namespace(quick=True, batch=4), str(tmp_path / "raw" / "train-000000.tar"),
+                    str(tmp_path), rows)
+    (r,) = rows
+    assert r["section"] == "f" and 0.2 < r["ratio"] < 20 and "images/s" in r["detail"]

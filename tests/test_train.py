@@ -156,6 +156,9 @@ def _cli(args, cwd=ROOT):
     (["--tasks", "clip", "--loss-weights", "clip=x"], "not task=number"),
     (["--tasks", "clip", "--data", "/nonexistent/*.tar"], "matches no files"),
     (["--tasks", "clip", "--model", "huge"], "unknown --model"),
+    (["--tasks", "clip", "--image-size", "60"], "not a positive multiple of the tiny preset's patch size 8; try 64"),
+    (["--tasks", "clip", "--image-size", "4"], "not a positive multiple"),
+    (["--tasks", "ssl", "--freeze-last-layer", "1.5"], "--freeze-last-layer"),
 ])
 def test_bad_input_one_line_exit_2(args, message, tmp_path):
     r = _cli(args + ["--out", str(tmp_path)])
@@ -169,3 +172,21 @@ def test_missing_labels_name_the_shard(shards, tmp_path, task, member):
     r = _cli(["--tasks", f"clip,{task}", "--data", shards["raw"], "--out", str(tmp_path)])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert member in r.stderr and "train-000000.tar" in r.stderr and "pseudolabel.py" in r.stderr
+
+
+def test_ctrl_c_says_where_the_checkpoint_is(shards, tmp_path):
+    """SIGINT (Ctrl-C) mid-run: exit code 130 and one line naming the last checkpoint, no traceback."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--tasks", "clip", "--data", shards["train"],
+                             "--out", str(out), "--steps", "500", "--ckpt-every", "1", *FAST], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    lines = [l for l in err.splitlines() if l.startswith("train.py:")]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and str(out / "checkpoint.pt") in lines[0] and "--resume latest" in lines[0]

@@ -1,0 +1,85 @@
+"""Every `python ...` line of the README runs as written (toy-sized where the line would take
+minutes), in a fresh folder, through this interpreter (the project's .venv under `make test`).
+A README line this file does not know fails the test: a new command must be given a toy-sized
+form here, or a reason why it cannot run on a CPU without data."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_TRAIN = ["--steps", "2", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--n-local", "2"]
+
+# README line (as it reads, continuation lines joined, comment dropped) -> the argv run in its
+# place, in order (later lines use what earlier ones made), or the reason it is not run.
+COMMANDS = {
+    "python data.py --out DIR --n 6000 --val-n 512 [--size 64] [--seed 0]":
+        ["data.py", "--out", "DIR", "--n", "24", "--val-n", "8", "--size", "32", "--seed", "0"],
+    "python data.py --preview DIR/val-000000.tar --png preview.png":
+        ["data.py", "--preview", "DIR/val-000000.tar", "--png", "preview.png"],
+    "python pseudolabel.py --shards 'DIR/*.tar' --out LABELLED --depth-expert simulated --ground-expert simulated":
+        ["pseudolabel.py", "--shards", "DIR/*.tar", "--out", "LABELLED", "--depth-expert", "simulated",
+         "--ground-expert", "simulated"],
+    "python train.py --tasks clip,ssl,depth,ground":
+        ["train.py", "--tasks", "clip,ssl,depth,ground", "--toy-n", "24", *SMALL_TRAIN],
+    "python train.py --tasks clip,ssl --data 'LABELLED/train-*.tar' --val-data 'LABELLED/val-*.tar' "
+    "--model tiny --steps 2000 --batch-size 64 --lr 1e-3 --loss-weights clip=1,ssl=0.5 --out runs/x":
+        ["train.py", "--tasks", "clip,ssl", "--data", "LABELLED/train-*.tar", "--val-data", "LABELLED/val-*.tar",
+         "--model", "tiny", "--lr", "1e-3", "--loss-weights", "clip=1,ssl=0.5", "--out", "runs/x", *SMALL_TRAIN],
+    "python train.py ... --out runs/x --resume latest":  # "..." = the line above
+        ["train.py", "--tasks", "clip,ssl", "--data", "LABELLED/train-*.tar", "--model", "tiny", "--out", "runs/x",
+         "--resume", "latest", "--steps", "4", *SMALL_TRAIN[2:]],  # two more steps
+    "python evaluate.py runs/x/checkpoint.pt [--data 'LABELLED/val-*.tar']":
+        ["evaluate.py", "runs/x/checkpoint.pt", "--data", "LABELLED/val-*.tar", "--n", "8"],
+    "python evaluate.py runs/x/checkpoint.pt --init":
+        ["evaluate.py", "runs/x/checkpoint.pt", "--init", "--n", "12"],
+    "python evaluate.py --compare runs/ablate/*":
+        ["evaluate.py", "--compare", "runs/x"],
+    "python evaluate.py path/to/siglip-or-mtv-weights --imagenet IN --coco COCO --nyu NYU --ade ADE":
+        "needs SigLIP weights and the four datasets; tests/test_evaluate.py runs this path on a random "
+        "SigLIP directory and on tiny fixtures in each layout",
+    "python evaluate.py runs/cc3m-b16-all/checkpoint.pt --imagenet IN1K --coco COCO --nyu NYUV2 --ade ADE20K":
+        "the CC3M recipe: a B/16 run and real benchmarks (same code path as the line above)",
+    "python evaluate.py --compare runs/cc3m-b16-*":
+        "the CC3M recipe's runs; --compare itself runs above",
+}
+
+
+def readme_commands():
+    text = (ROOT / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for cmd in re.sub(r"\\\n\s*", "", block).splitlines():
+            cmd = re.sub(r"\s+#.*$", "", cmd).strip()
+            if cmd.startswith("python "):
+                lines.append(re.sub(r"\s+", " ", cmd))
+    return lines
+
+
+def test_every_readme_python_line_is_known():
+    assert sorted(readme_commands()) == sorted(COMMANDS)
+
+
+def test_readme_python_lines_run(tmp_path):
+    for line in readme_commands():
+        argv = COMMANDS[line]
+        if isinstance(argv, str):
+            print(f"not run: {line} ({argv})")
+            continue
+        argv = [str(ROOT / argv[0]), *argv[1:]]
+        done = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                   "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, f"{line}\n{done.stderr[-2000:]}"
+    assert (tmp_path / "preview.png").stat().st_size > 0
+    assert (tmp_path / "runs" / "x" / "eval" / "results.json").is_file()
+    assert (tmp_path / "runs" / "x" / "eval-init" / "results.json").is_file()
+    assert (tmp_path / "runs" / "x" / "compare.md").is_file()
+
+
+@pytest.mark.parametrize("target", ["demo", "test", "install", "ablate"])
+def test_make_targets_exist(target):
+    assert re.search(rf"^{target}:", (ROOT / "Makefile").read_text(), re.M)
