@@ -98,6 +98,9 @@ import data
 import mtv
 
 BATCH = 64  # images per forward pass while extracting features
+# The autocast of the frozen model's forward passes (mtv.autocast), set once by main from
+# --precision; the probes, metrics and their fits always run in fp32 or fp64 on the features.
+PRECISION = "fp32"
 TOY_SEED = 987_654  # the in-memory toy val set; train.py's toy worlds use the run seed (0, 1, ...)
 TOY_N = 2000  # scenes: the standard error of a 25 %-chance accuracy on the 667 probe-test scenes is ~0.017
 CORR_SEED = 1  # the crops and flips that make the second view for correspondence
@@ -440,29 +443,33 @@ def extract(model, items, want, device, desc, load=None):
     for i in tqdm(range(0, len(items), BATCH), desc=desc, leave=False):
         x = to_input([load(it) if load else it for it in items[i:i + BATCH]], device)
         if {"pooled", "patch", "img"} & set(want):
-            vis = model.vision(x)
+            with mtv.autocast(device, PRECISION):
+                vis = model.vision(x)
             h = x.shape[-2] // model.cfg.vision.patch_size
             got = {"pooled": vis["pooled"], "img": F.normalize(vis["pooled"], dim=-1),  # = encode_image(x)
                    "patch": rearrange(vis["patch"], "b (h w) d -> b h w d", h=h)}
             for k in set(want) & set(got):
                 out[k].append(got[k].float().cpu())
         if "depth" in want:
-            out["depth"].append(model.predict_depth(x).float().cpu())
+            with mtv.autocast(device, PRECISION):
+                out["depth"].append(model.predict_depth(x).float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
 @torch.no_grad()
 def embed_text(model, texts, device):
     """(n, D) normalised text embeddings of captions or prompts (the caption context), 256 per pass."""
-    return torch.cat([model.encode_text(model.tokenize(list(texts[i:i + 256])).to(device)).float().cpu()
-                      for i in range(0, len(texts), 256)])
+    with mtv.autocast(device, PRECISION):
+        return torch.cat([model.encode_text(model.tokenize(list(texts[i:i + 256])).to(device)).float().cpu()
+                          for i in range(0, len(texts), 256)])
 
 
 @torch.no_grad()
 def embed_names(model, names, device):
     """(n, D) normalised text embeddings of entity names, tokenized exactly as training tokenizes
     them (data.tokenize_names: the tokenizer's name_length positions, not the caption context)."""
-    return model.encode_text(data.tokenize_names(model.tokenize, names).to(device)).float().cpu()
+    with mtv.autocast(device, PRECISION):
+        return model.encode_text(data.tokenize_names(model.tokenize, names).to(device)).float().cpu()
 
 
 def embed_classes(model, names, device, templates=TEMPLATES):
@@ -481,7 +488,8 @@ def embed_boxes(model, images, boxes, device):
         padded = torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(len(chunk), max(map(len, chunk)), 1)  # (B, M, 4)
         for j, b in enumerate(chunk):
             padded[j, :len(b)] = b
-        emb = model.embed_regions(to_input(images[i:i + BATCH], device), padded.to(device)).float().cpu()
+        with mtv.autocast(device, PRECISION):
+            emb = model.embed_regions(to_input(images[i:i + BATCH], device), padded.to(device)).float().cpu()
         out += [e[:len(b)] for e, b in zip(emb, chunk)]
     return out
 
@@ -1135,6 +1143,10 @@ def parse_args(argv):
                                  "--compare the runs' common parent")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
+    p.add_argument("--precision", choices=mtv.PRECISIONS, default="auto",
+                   help="the frozen model's forward passes: auto = bf16 autocast on CUDA (as open_clip "
+                        "evaluates), fp32 on CPU; bf16 or fp32 on any device. Probes and metrics run in fp32 "
+                        "on the features either way (default: auto)")
     for name, layout in (("imagenet", "DIR/{train,val}/CLASS/*.jpg"), ("coco", "DIR/captions.json + images"),
                          ("nyu", "DIR/NAME.jpg + DIR/NAME_depth.png|npy"),
                          ("ade", "DIR/images/NAME.jpg + DIR/annotations/NAME.png")):
@@ -1158,6 +1170,8 @@ def main(argv=None):
     if args.n < 6:
         fail(f"--n {args.n} is too small; the probes need at least 6 scenes (4 to train, 2 to test)")
     start = time.time()
+    global PRECISION
+    PRECISION = args.precision
     model, seed = load_checkpoint(args.checkpoint, init=args.init)
     device = torch.device(args.device)
     model = model.to(device).eval()

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import zlib
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -101,6 +102,21 @@ def build_config(name: str) -> MTVConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; valid presets are {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast(device, precision="auto"):
+    """The context every forward pass of train.py, evaluate.py and pseudolabel.py runs in: "auto" is
+    bf16 autocast on CUDA (tensor cores, half the activation memory; weights and optimizer stay
+    fp32) and fp32 elsewhere; "bf16" is bf16 autocast on any device, and on the CPU it applies the
+    same casting rules as on CUDA, which is how the tests run the GPU code path without a GPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda"):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def config_from_dict(d: dict) -> MTVConfig:

@@ -47,6 +47,7 @@ from torchvision.ops import batched_nms, box_convert, box_iou
 from tqdm import tqdm
 
 import data
+import mtv
 
 # -----------------------------------------------------------------------------------------------
 # Settings
@@ -59,6 +60,7 @@ class LabelConfig:
     depth_expert: str
     ground_expert: str
     device: str = ""  # "" = cuda when available, else cpu
+    precision: str = "auto"  # real experts only; see mtv.autocast
     batch_size: int = 32  # images per expert forward pass
     noise: float = 1.0  # simulated experts only: 0 = perfect labels, 1 = moderate, 2 = poor
     score_threshold: float = 0.3  # boxes scoring below are dropped
@@ -243,20 +245,15 @@ def depth_quality(inv, valid, gt_depth):
 # maps (H, W); a grounding expert maps samples and their entity names to raw detection sets.
 
 
-def autocast(device):
-    """bf16 on CUDA, as the experts are usually run (half the memory, tensor cores); fp32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 class DepthAnythingExpert:
     """Depth Anything V2 (any transformers depth model): relative inverse depth, larger = nearer."""
 
     needs = None  # the truth a simulated expert derives its labels from; real experts need none
 
-    def __init__(self, name, device):
+    def __init__(self, name, device, precision="auto"):
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        self.name, self.device = name, device
+        self.name, self.device, self.precision = name, device, precision
         self.processor = AutoImageProcessor.from_pretrained(name)
         self.model = AutoModelForDepthEstimation.from_pretrained(name).to(device).eval()
 
@@ -269,7 +266,7 @@ class DepthAnythingExpert:
             by_size.setdefault(s["image"].shape[:2], []).append(i)
         for (h, w), idx in by_size.items():
             x = self.processor(images=[samples[i]["image"] for i in idx], return_tensors="pt")
-            with autocast(self.device):
+            with mtv.autocast(self.device, self.precision):
                 pred = self.model(pixel_values=x["pixel_values"].to(self.device)).predicted_depth  # (b, h', w')
             # Back to the image's own resolution: the label never claims more detail than the image.
             pred = F.interpolate(pred[:, None].float(), size=(h, w), mode="bilinear")[:, 0]  # (b, H, W)
@@ -283,10 +280,10 @@ class OWLv2Expert:
 
     needs = None
 
-    def __init__(self, name, device):
+    def __init__(self, name, device, precision="auto"):
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-        self.name, self.device = name, device
+        self.name, self.device, self.precision = name, device, precision
         self.processor = Owlv2Processor.from_pretrained(name)
         self.model = Owlv2ForObjectDetection.from_pretrained(name).to(device).eval()
 
@@ -299,7 +296,7 @@ class OWLv2Expert:
         # sliced off below (OWLv2's own query mask keeps them, as " " still has a start token).
         x = self.processor(images=[s["image"] for s in samples], text=[q or [" "] for q in queries],
                            return_tensors="pt", truncation=True).to(self.device)
-        with autocast(self.device):
+        with mtv.autocast(self.device, self.precision):
             out = self.model(**x)
         logits = out.logits.float().cpu()  # (B, P, Q): P patch boxes, Q queries
         boxes = box_convert(out.pred_boxes.float().cpu(), "cxcywh", "xyxy")  # (B, P, 4) of the padded square
@@ -433,7 +430,7 @@ def load_expert(kind, name, cfg, device):
 
     hf_logging.disable_progress_bar()
     try:
-        return (DepthAnythingExpert if kind == "depth" else OWLv2Expert)(name, device)
+        return (DepthAnythingExpert if kind == "depth" else OWLv2Expert)(name, device, cfg.precision)
     except (OSError, ValueError) as e:  # what transformers raises for a missing or unfit model
         reason = re.split(r"(?<=\.)\s", str(e).strip() + "\n")[0].splitlines()[0] or type(e).__name__
         what = "depth" if kind == "depth" else "grounding"
@@ -653,6 +650,9 @@ def parse_args(argv):
     p.add_argument("--ground-expert", required=True, help=f"grounding expert: {expert}")
     p.add_argument("--device", choices=["cuda", "cpu"], default=d.device or None,
                    help="None = cuda when available (under torchrun: the rank's local GPU)")
+    p.add_argument("--precision", choices=mtv.PRECISIONS, default=d.precision,
+                   help="real experts: auto = bf16 autocast on CUDA (as experts are usually run: half the "
+                        "memory, tensor cores), fp32 on CPU; bf16 or fp32 on any device")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per expert forward pass")
     p.add_argument("--noise", type=float, default=d.noise,
                    help="simulated experts' label noise: 0 = perfect, 1 = moderate (about a real expert's), 2 = poor")

@@ -24,7 +24,6 @@ import platform
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from glob import glob
@@ -77,6 +76,7 @@ class TrainConfig:
     toy_n: int = 8000  # toy-world scenes generated when --data is not given
     device: str = ""  # "" = cuda if available, else cpu
     compile: bool = False
+    precision: str = "auto"  # see mtv.autocast
     deterministic: bool = False
 
 
@@ -98,6 +98,9 @@ def parse_args(argv):
         "toy_n": "number of toy-world training scenes made when --data is empty",
         "deterministic": "deterministic kernels (CPU: bit-identical resume)",
         "compile": "torch.compile the model (minutes of compilation first, then faster steps)",
+        "precision": "auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = bf16 autocast on any device (on the "
+                     "CPU the same casting rules as CUDA's, slower); fp32 = no autocast. Weights, optimizer "
+                     "state and losses stay fp32",
         "steps": "optimizer steps to train (one step = one batch per process)",
         "lr": "peak AdamW learning rate, reached after the warmup, then cosine to --min-lr",
         "min_lr": "learning rate at the last step",
@@ -126,6 +129,8 @@ def parse_args(argv):
         name = "--" + f.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(name, action="store_true", help=helps.get(f))
+        elif f == "precision":
+            p.add_argument(name, choices=mtv.PRECISIONS, default=default, help=helps[f])
         else:
             p.add_argument(name, type=type(default), default=default, help=helps.get(f))
     return TrainConfig(**vars(p.parse_args(argv)))
@@ -497,6 +502,8 @@ def check_config(cfg):
     weights = parse_weights(cfg.loss_weights, tasks)
     if cfg.model not in mtv.PRESETS:
         fail(f"unknown --model {cfg.model!r}; choose from {', '.join(mtv.PRESETS)}")
+    if cfg.precision not in mtv.PRECISIONS:
+        fail(f"unknown --precision {cfg.precision!r}; choose from {', '.join(mtv.PRECISIONS)}")
     for flag in ("steps", "batch_size", "log_every", "ckpt_every"):
         if getattr(cfg, flag) <= 0 and not (flag == "steps" and cfg.epochs > 0):
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(cfg, flag)}")
@@ -611,7 +618,7 @@ def setup(cfg):
     ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
            if world > 1 else model)
     student = torch.compile(ddp) if cfg.compile else ddp
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = mtv.autocast(device, cfg.precision)
 
     aug = data.AugConfig(size=size, local_size=size // 2, n_local=cfg.n_local if "ssl" in tasks else 0,
                          patch_size=model_cfg.vision.patch_size)

@@ -16,10 +16,17 @@ alike. The rows:
         time / the device's dense bf16 peak
     (f) CPU only: a sweep's images/s as make ablate runs it (one one-thread train.py per core) vs
         one train.py with every core: what parallel lanes buy over one run at a time
+    (g) the real-size experts, Depth Anything V2 Small and Base and OWLv2 B/16, with random weights
+        (bench/experts.py; the same compute as trained weights) through pseudolabel.py's expert
+        classes on photo-sized images (640 x 480): FLOPs counted per image, seconds per image, and
+        the achieved FLOP/s vs the plain matmul's
+    (h) FLOPs per image of the B/16 training step for each task subset of the Figure 1 ladder,
+        against clip alone: the numbers the README's CC3M compute estimate multiplies out
 
-The tiny random experts are sized like the tests' ones, not like Depth Anything V2 or OWLv2: their
-rows time the code path (processor, model call, post-processing, encoding, writing), not the
-real experts.
+`python -m bench --gpu` is the prepared GPU check instead (bench/gpu.py).
+
+The tiny random experts of (d) are sized like the tests' ones: their rows time the code path
+(processor, model call, post-processing, encoding, writing); (g) times the real sizes.
 """
 
 import argparse
@@ -31,11 +38,12 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
 from functools import partial
+from importlib.util import find_spec
 
 import numpy as np
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -44,6 +52,7 @@ import losses
 import mtv
 import pseudolabel
 import train
+from bench import experts as experts_lib
 from bench import vit
 
 # Dense bf16 tensor-core peaks (no sparsity) by device name, from the vendors' data sheets.
@@ -75,8 +84,23 @@ def timed(fn, sync):
     return time.perf_counter() - start
 
 
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FlopCounterMode knows CUDA's fused attention kernels but not the CPU's (torch 2.14
+# counts 0 FLOPs for scaled_dot_product_attention on a CPU): the same formulas for the CPU kernels.
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
+
+
 def count_flops(fn):
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one call of fn: matmuls, convolutions and attention (2 per multiply-add)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -122,6 +146,18 @@ def cuda_syncs(fn):
 # The training step of train.py, on one fixed batch
 
 
+def labelled_toy(root, n, size):
+    """A small toy world at size px, labelled by the simulated experts as train.py's default is:
+    (raw shard, labelled shard, its decoded samples)."""
+    raw = os.path.join(root, "raw-000000.tar")
+    data.write_shard(raw, ((f"{i:09d}", data.scene_members(data.render_scene(0, i, size), 0, i)) for i in range(n)))
+    shard = os.path.join(root, "train-000000.tar")
+    sim = pseudolabel.LabelConfig(raw, root, "simulated", "simulated")
+    pseudolabel.label_shard(raw, shard, {k: pseudolabel.load_expert(k, "simulated", sim, None)
+                                         for k in ("depth", "ground")}, None, sim, progress=lambda k: None)
+    return raw, shard, [data.decode_sample(k, m) for k, m in data.iter_tar(shard)]
+
+
 def fixed_batch(samples, model, aug, tasks, device):
     views = [data.make_views(s, np.random.default_rng(i), aug, tasks) for i, s in enumerate(samples)]
     return train.to_device(data.collate(views, model.tokenize), device)
@@ -131,34 +167,37 @@ class Step:
     """train.py's loop body (forward, teacher, objectives, backward, clip, AdamW, EMA) with its
     settings: bf16 autocast and fused AdamW on CUDA, fp32 and foreach AdamW on CPU."""
 
-    def __init__(self, preset, samples, batch_size, device, tasks=mtv.ALL_TASKS, n_local=4):
+    def __init__(self, preset, samples, batch_size, device, tasks=mtv.ALL_TASKS, n_local=4, precision="auto",
+                 compile=False, image_size=None):
         cfg = mtv.build_config(preset)
-        size = cfg.vision.image_size
+        cfg.vision.image_size = size = image_size or cfg.vision.image_size
         self.tasks, self.device, self.batch_size = tasks, device, batch_size
         self.model = mtv.MTV(cfg, tasks).to(device)
+        self.student = torch.compile(self.model) if compile else self.model  # as train.py compiles
         self.teacher = self.model.ssl_teacher().to(device) if "ssl" in tasks else None
         self.objectives = train.Objectives(self.model, tasks, train.TrainConfig()).to(device)
         self.optimizer = torch.optim.AdamW(train.param_groups(self.model, 0.04), lr=1e-5,
                                            **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else nullcontext())
+        self.autocast = mtv.autocast(device, precision)
         self.aug = data.AugConfig(size=size, local_size=size // 2, n_local=n_local if "ssl" in tasks else 0,
                                   patch_size=cfg.vision.patch_size)
         self.batch = fixed_batch([samples[i % len(samples)] for i in range(batch_size)], self.model,
                                  self.aug, tasks, device)
 
     def __call__(self):
-        self.forward_backward()
+        loss = self.forward_backward()
         self.update()
+        return loss
 
     def forward_backward(self):
         with self.autocast:
-            out = self.model(self.batch)
+            out = self.student(self.batch)
             target = self.teacher(self.batch) if self.teacher is not None else None
         parts, _ = self.objectives(out, target, self.batch, 0.04)
         loss = sum(parts.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return loss
 
     def update(self):
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -321,49 +360,12 @@ def pipeline_vs_step(args, step, shards, rows):
                         f"{step.aug.n_local} local crops) vs step {step.batch_size / args.step_seconds:.1f} img/s"))
 
 
-def tiny_experts(root, size):
-    """Depth Anything and OWLv2 with tiny random weights, saved where load_expert finds them: the
-    same construction as tests/test_pseudolabel.py's fixture, at the toy world's image size."""
-    from transformers import (CLIPTokenizer, DepthAnythingConfig, DepthAnythingForDepthEstimation,
-                              Dinov2Config, DPTImageProcessor, Owlv2Config, Owlv2ForObjectDetection,
-                              Owlv2ImageProcessor, Owlv2Processor)
-
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    torch.manual_seed(0)
-    backbone = Dinov2Config(image_size=size, patch_size=8, hidden_size=32, num_hidden_layers=4,
-                            num_attention_heads=2, intermediate_size=64, reshape_hidden_states=False,
-                            out_features=["stage1", "stage2", "stage3", "stage4"])
-    DepthAnythingForDepthEstimation(DepthAnythingConfig(
-        backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16, 32, 32, 32],
-        fusion_hidden_size=32, head_hidden_size=16, patch_size=8, depth_estimation_type="relative",
-    )).save_pretrained(os.path.join(root, "depth"))
-    DPTImageProcessor(size={"height": size, "width": size}, keep_aspect_ratio=True, ensure_multiple_of=8,
-                      do_pad=False).save_pretrained(os.path.join(root, "depth"))
-    # A CLIP-style vocabulary of the 256 byte symbols and no merges: any text, one token a character.
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = [chr(b) for b in keep] + [chr(256 + i) for i in range(256 - len(keep))]
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    Owlv2ForObjectDetection(Owlv2Config(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=len(vocab) - 2,
-                         eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1),
-        vision_config=dict(image_size=size, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2), projection_dim=32,
-    )).save_pretrained(os.path.join(root, "owl"))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
-    Owlv2Processor(Owlv2ImageProcessor(size={"height": size, "width": size}), tokenizer).save_pretrained(
-        os.path.join(root, "owl"))
-    return os.path.join(root, "depth"), os.path.join(root, "owl")
-
-
 def labelling_vs_step(args, step, raw_shard, root, rows):
     sync = make_sync(args.device)
     cfg = pseudolabel.LabelConfig(raw_shard, root, "", "", device=str(args.device), batch_size=16)
     experts = {"simulated depth": ("depth", "simulated"), "simulated ground": ("ground", "simulated")}
     try:
-        depth_dir, owl_dir = tiny_experts(os.path.join(root, "experts"), args.size)
+        depth_dir, owl_dir = experts_lib.save_tiny(os.path.join(root, "experts"), args.size)
         experts |= {"tiny random Depth Anything": ("depth", depth_dir), "tiny random OWLv2": ("ground", owl_dir)}
     except ImportError:
         print("transformers is not installed: the real experts' rows are left out", file=sys.stderr)
@@ -416,6 +418,61 @@ def mfu(args, samples, rows, report):
                         detail + f"; peak {peak / 1e12:.0f} TFLOP/s"))
     report["mfu"] = {"device": name, "batch": args.mfu_batch, "seconds": seconds, "flops": flops,
                      "peak": peak, "memory_gb": torch.cuda.max_memory_allocated(args.device) / 2**30}
+
+
+def expert_cost(kind, expert, samples, sync, rounds):
+    """One real expert class of pseudolabel.py on decoded samples: FLOPs and seconds per image, and
+    the size its processor feeds the model. The FLOP count's pass is the warm-up."""
+    queries = [pseudolabel.extract_entities(s["caption"]) for s in samples]
+    call = (lambda: expert(samples)) if kind == "depth" else (lambda: expert(samples, queries))
+    flops = count_flops(call) / len(samples)
+    seconds = statistics.median(timed(call, sync) for _ in range(rounds)) / len(samples)
+    image = samples[0]["image"]
+    resize = getattr(expert.processor, "image_processor", expert.processor)  # OWLv2's: image and text
+    return {"flops": flops, "seconds": seconds, "input": list(image.shape[:2]),
+            "model_input": list(resize(images=[image], return_tensors="pt")["pixel_values"].shape[-2:])}
+
+
+def real_experts(args, root, rows, report):
+    """Depth Anything V2 Small and Base and OWLv2 B/16 at their published sizes with random weights
+    (bench/experts.py), through pseudolabel's expert classes on photo-sized images: FLOPs counted
+    per image, and seconds per image on this device; utilisation against the plain matmul."""
+    if find_spec("transformers") is None:
+        print("transformers is not installed: the real-size experts' rows are left out", file=sys.stderr)
+        return
+    sync = make_sync(args.device)
+    matmul, mm_flops = matmul_reference(args.device)
+    mm_rate = mm_flops / statistics.median(timed(matmul, sync) for _ in range(5))
+    samples = experts_lib.photo_samples(1 if args.quick else 2)
+    cfg = pseudolabel.LabelConfig("", root, "", "", device=str(args.device))
+    report["experts"] = {}
+    for name in experts_lib.REAL_SIZE:
+        kind, folder = experts_lib.save_real_size(os.path.join(root, "real-experts"), name)
+        expert = pseudolabel.load_expert(kind, folder, cfg, args.device)
+        c = expert_cost(kind, expert, samples, sync, 1 if args.quick else 2)
+        del expert
+        report["experts"][name] = c
+        (h, w), (mh, mw) = c["input"], c["model_input"]
+        rows.append(row("g", f"real-size {name}, random weights: FLOP/s / plain matmul FLOP/s",
+                        c["flops"] / c["seconds"] / mm_rate,
+                        f"{c['flops'] / 1e9:.0f} GFLOP counted per image ({w}x{h} -> {mw}x{mh}), "
+                        f"{c['seconds']:.2f} s per image on {'this GPU' if args.device.type == 'cuda' else 'this CPU'}"))
+
+
+def flops_by_subset(args, samples, rows, report):
+    """FLOPs per image of the B/16 training step (forward, backward, teacher; train.py's default
+    4 local crops for ssl) for the Figure 1 ladder's task subsets, counted on 2 images on this
+    device: what the README's CC3M estimate multiplies out. Ratio: against clip alone."""
+    ladder = [("clip",), ("clip", "ssl"), ("clip", "ssl", "ground"), mtv.ALL_TASKS]
+    counted = {}
+    for tasks in ladder:
+        step = Step("B/16", samples, 2, args.device, tasks)
+        counted[",".join(tasks)] = count_flops(step) / 2
+        del step
+    report["b16_flops_per_image"] = counted
+    for tasks, flops in counted.items():
+        rows.append(row("h", f"B/16 step FLOPs per image, {tasks} / clip", flops / counted["clip"],
+                        f"{flops / 1e9:.0f} GFLOP per image (224 px, fwd + bwd + teacher)"))
 
 
 def grid_throughput(args, shard, root, rows):
@@ -488,8 +545,15 @@ def main(argv=None):
                    help="torch CPU threads; one keeps a shared CPU from being oversubscribed (with two busy "
                         "neighbours, two threads ran the step 10x slower); 0 = torch's default")
     p.add_argument("--batch", type=int, default=0, help="images per step for (a)-(d); 0 = 8 with --quick, else 16")
-    p.add_argument("--mfu-batch", type=int, default=64, help="images per step for the B/16 MFU row")
+    p.add_argument("--mfu-batch", type=int, default=64, help="images per step for the B/16 MFU row and --gpu")
+    p.add_argument("--gpu", action="store_true",
+                   help="run the prepared GPU check instead (bench/gpu.py, a few minutes on one CUDA GPU): the B/16 "
+                        "step eager and compiled, the real-size experts, NCCL; refuses without CUDA")
     args = p.parse_args(argv)
+    if args.gpu:
+        from bench import gpu
+
+        return gpu.main(args)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for, but no CUDA device is available")
@@ -505,16 +569,7 @@ def main(argv=None):
     torch.manual_seed(0)
     rows, report = [], {"device_type": args.device.type}
     with tempfile.TemporaryDirectory() as root:
-        # A small toy world at the tiny preset's size, labelled by the simulated experts, as train.py's default.
-        n = 4 * args.batch
-        raw = os.path.join(root, "raw-000000.tar")
-        data.write_shard(raw, ((f"{i:09d}", data.scene_members(data.render_scene(0, i, args.size), 0, i))
-                               for i in range(n)))
-        shard = os.path.join(root, "train-000000.tar")
-        sim = pseudolabel.LabelConfig(raw, root, "simulated", "simulated")
-        pseudolabel.label_shard(raw, shard, {k: pseudolabel.load_expert(k, "simulated", sim, None)
-                                             for k in ("depth", "ground")}, None, sim, progress=lambda k: None)
-        samples = [data.decode_sample(k, m) for k, m in data.iter_tar(shard)]
+        raw, shard, samples = labelled_toy(root, 4 * args.batch, args.size)
 
         print("(a) image tower ...", flush=True)
         tower_vs_reference(args, rows)
@@ -531,6 +586,10 @@ def main(argv=None):
         if args.device.type == "cpu":
             print("(f) sweep lanes ...", flush=True)
             grid_throughput(args, shard, root, rows)
+        print("(g) real-size experts (random weights) ...", flush=True)
+        real_experts(args, root, rows, report)
+        print("(h) B/16 step FLOPs by task subset ...", flush=True)
+        flops_by_subset(args, samples, rows, report)
     print_table(rows, report)
     if args.json:
         with open(args.json, "w") as f:

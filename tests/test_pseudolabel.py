@@ -192,47 +192,15 @@ def test_bad_samples_are_skipped_and_counted(toy, tmp_path, capsys):
 # Real experts: tiny random Depth Anything and OWLv2 built from configs, loaded by path.
 
 
-def byte_level_vocab():
-    """A CLIP-style vocabulary of the 256 byte symbols (and their word-final forms), no merges:
-    enough to tokenise any text, one token per character."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = [chr(b) for b in keep] + [chr(256 + i) for i in range(256 - len(keep))]
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}
-
-
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory):
-    from transformers import (CLIPTokenizer, DepthAnythingConfig, DepthAnythingForDepthEstimation,
-                              Dinov2Config, DPTImageProcessor, Owlv2Config, Owlv2ForObjectDetection,
-                              Owlv2ImageProcessor, Owlv2Processor)
+    """Tiny random Depth Anything and OWLv2 at 32 px (bench/experts.py). OWLv2's box head is zero,
+    so every patch predicts OWLv2's prior box: patch-sized, centred on the patch's lower-right
+    corner. The boxes are then known, and so is their place after unpadding."""
+    from bench.experts import save_tiny
 
     root = tmp_path_factory.mktemp("experts")
-    torch.manual_seed(0)
-    backbone = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4,
-                            num_attention_heads=2, intermediate_size=64, reshape_hidden_states=False,
-                            out_features=["stage1", "stage2", "stage3", "stage4"])
-    DepthAnythingForDepthEstimation(DepthAnythingConfig(
-        backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[16, 32, 32, 32],
-        fusion_hidden_size=32, head_hidden_size=16, patch_size=8, depth_estimation_type="relative",
-    )).save_pretrained(root / "depth")
-    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=True, ensure_multiple_of=8,
-                      do_pad=False).save_pretrained(root / "depth")
-    vocab = byte_level_vocab()
-    owl = Owlv2ForObjectDetection(Owlv2Config(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=len(vocab) - 2,
-                         eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2), projection_dim=32,
-    ))
-    # With a zero box head every patch predicts OWLv2's prior box: patch-sized, centred on the
-    # patch's lower-right corner. The boxes are then known, and so is their place after unpadding.
-    torch.nn.init.zeros_(owl.box_head.dense2.weight)
-    torch.nn.init.zeros_(owl.box_head.dense2.bias)
-    owl.save_pretrained(root / "owl")
-    Owlv2Processor(Owlv2ImageProcessor(size={"height": 32, "width": 32}),
-                   CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)).save_pretrained(root / "owl")
+    save_tiny(str(root), 32)
     return root
 
 

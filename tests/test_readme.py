@@ -45,6 +45,9 @@ COMMANDS = {
         "the CC3M recipe: a B/16 run and real benchmarks (same code path as the line above)",
     "python evaluate.py --compare runs/cc3m-b16-*":
         "the CC3M recipe's runs; --compare itself runs above",
+    "python -m bench --gpu --json gpu-check.json":
+        "needs a CUDA GPU; tests/test_gpu_paths.py checks that it refuses here in one line with exit 2 and "
+        "runs the same check function on the CPU",
 }
 
 
