@@ -1079,6 +1079,9 @@ def compare(run_dirs, out):
                 inits[ri["seed"]] = ri
     order = sorted(groups, key=lambda ts: (len(ts), [mtv.ALL_TASKS.index(t) for t in ts]))  # VL, + SSL, ...
     everything = [r for g in groups.values() for r in g] + list(inits.values())
+    if len(precisions := {r.get("precision", "fp32") for r in everything}) > 1:  # older results: fp32
+        print(f"note: these evaluations ran in different precisions ({', '.join(sorted(precisions))}); "
+              "bf16 and fp32 features differ slightly, so small differences between such rows may come from precision", file=sys.stderr)
     names = [k for k in KEY_METRICS if any(k in r["metrics"] for r in everything)]
     refs = {k: {ref: (float(np.mean(v)) if (v := [r[ref][k] for r in everything
                                                   if r[ref].get(k) is not None]) else None)
@@ -1169,9 +1172,16 @@ def main(argv=None):
         fail("give a CHECKPOINT to evaluate, or --compare RUN_DIR ...")
     if args.n < 6:
         fail(f"--n {args.n} is too small; the probes need at least 6 scenes (4 to train, 2 to test)")
-    start = time.time()
     global PRECISION
-    PRECISION = args.precision
+    saved, PRECISION = PRECISION, args.precision
+    try:
+        return evaluate_checkpoint(args)
+    finally:
+        PRECISION = saved  # a later call in this process (a notebook, a test) gets the module's default
+
+
+def evaluate_checkpoint(args):
+    start = time.time()
     model, seed = load_checkpoint(args.checkpoint, init=args.init)
     device = torch.device(args.device)
     model = model.to(device).eval()
@@ -1197,6 +1207,7 @@ def main(argv=None):
                "chance": {k: rounded(r["chance"]) for k, r in rows.items()},
                "ceiling": {k: rounded(r["ceiling"]) for k, r in rows.items()},
                "lower_is_better": [k for k in rows if lower_is_better(k)],
+               "precision": "bf16" if isinstance(mtv.autocast(device, PRECISION), torch.autocast) else "fp32",
                "skipped": skipped, "seconds": time.time() - start}
     write_results(args.out or os.path.join(ckpt_dir, "eval-init" if args.init else "eval"), results)
     return results

@@ -98,9 +98,9 @@ def parse_args(argv):
         "toy_n": "number of toy-world training scenes made when --data is empty",
         "deterministic": "deterministic kernels (CPU: bit-identical resume)",
         "compile": "torch.compile the model (minutes of compilation first, then faster steps)",
-        "precision": "auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = bf16 autocast on any device (on the "
-                     "CPU the same casting rules as CUDA's, slower); fp32 = no autocast. Weights, optimizer "
-                     "state and losses stay fp32",
+        "precision": "auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = bf16 autocast on any device (on a "
+                     "CPU: bf16 matmuls as on CUDA, slower); fp32 = no autocast. Weights, optimizer state and "
+                     "losses stay fp32",
         "steps": "optimizer steps to train (one step = one batch per process)",
         "lr": "peak AdamW learning rate, reached after the warmup, then cosine to --min-lr",
         "min_lr": "learning rate at the last step",

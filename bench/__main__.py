@@ -18,7 +18,8 @@ alike. The rows:
         one train.py with every core: what parallel lanes buy over one run at a time
     (g) the real-size experts, Depth Anything V2 Small and Base and OWLv2 B/16, with random weights
         (bench/experts.py; the same compute as trained weights) through pseudolabel.py's expert
-        classes on photo-sized images (640 x 480): FLOPs counted per image, seconds per image, and
+        classes on images as the README's CC3M shards hold them (256 x 256): FLOPs counted per
+        image, seconds per image, and
         the achieved FLOP/s vs the plain matmul's
     (h) FLOPs per image of the B/16 training step for each task subset of the Figure 1 ladder,
         against clip alone: the numbers the README's CC3M compute estimate multiplies out
@@ -165,7 +166,8 @@ def fixed_batch(samples, model, aug, tasks, device):
 
 class Step:
     """train.py's loop body (forward, teacher, objectives, backward, clip, AdamW, EMA) with its
-    settings: bf16 autocast and fused AdamW on CUDA, fp32 and foreach AdamW on CPU."""
+    settings: fused AdamW on CUDA, foreach AdamW on CPU; autocast as train.py's --precision
+    (auto: bf16 on CUDA, fp32 on CPU); with compile, the model torch.compile'd as train.py does."""
 
     def __init__(self, preset, samples, batch_size, device, tasks=mtv.ALL_TASKS, n_local=4, precision="auto",
                  compile=False, image_size=None):

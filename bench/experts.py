@@ -52,17 +52,23 @@ def byte_level_vocab(bos_id=None, eos_id=None):
     return vocab
 
 
-def save_depth_anything(folder, *, image_size, patch, hidden, layers, heads, taps, neck, fusion, head_hidden=32):
-    """A Depth Anything (V2) model folder: DINOv2 backbone, DPT neck and head, DPT processor."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+def depth_anything(*, image_size, patch, hidden, layers, heads, taps, neck, fusion, head_hidden=32):
+    """A randomly initialised Depth Anything (V2): DINOv2 backbone, DPT neck and head."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
     backbone = Dinov2Config(image_size=image_size, patch_size=patch, hidden_size=hidden, num_hidden_layers=layers,
                             num_attention_heads=heads, intermediate_size=4 * hidden, reshape_hidden_states=False,
                             out_features=[f"stage{i}" for i in taps])
-    DepthAnythingForDepthEstimation(DepthAnythingConfig(
+    return DepthAnythingForDepthEstimation(DepthAnythingConfig(
         backbone_config=backbone, reassemble_hidden_size=hidden, neck_hidden_sizes=list(neck),
-        fusion_hidden_size=fusion, head_hidden_size=head_hidden, patch_size=patch, depth_estimation_type="relative",
-    )).save_pretrained(folder)
+        fusion_hidden_size=fusion, head_hidden_size=head_hidden, patch_size=patch, depth_estimation_type="relative"))
+
+
+def save_depth_anything(folder, *, image_size, patch, **sizes):
+    """A Depth Anything (V2) model folder: the model and DPT's processor."""
+    from transformers import DPTImageProcessor
+
+    depth_anything(image_size=image_size, patch=patch, **sizes).save_pretrained(folder)
     # Depth Anything's processor: ImageNet mean/std, bicubic, aspect kept, sides a multiple of the patch.
     DPTImageProcessor(size={"height": image_size, "width": image_size}, keep_aspect_ratio=True,
                       ensure_multiple_of=patch, resample=3, do_pad=False, image_mean=[0.485, 0.456, 0.406],
@@ -124,12 +130,11 @@ def save_tiny(root, size, seed=0):
     return depth, owl
 
 
-def photo_samples(n, height=480, width=640):
-    """n toy scenes at a photo's size (CC3M's are mostly around 640 x 480 before img2dataset
-    resizes them): rendered at width x width, the middle height rows kept. Decoded samples as
-    pseudolabel's experts take them: {"image": uint8 (H, W, 3), "caption"}."""
+def photo_samples(n, size=256):
+    """n toy scenes as the README's CC3M shards hold their images (img2dataset --image_size 256
+    --resize_mode center_crop: size x size): decoded samples as pseudolabel's experts take them,
+    {"image": uint8 (size, size, 3), "caption"}. The experts resize them to their own input (Depth
+    Anything V2 to 518 x 518, OWLv2 to 960 x 960), so their cost does not depend on size."""
     import data
 
-    top = (width - height) // 2
-    return [{"image": (s := data.render_scene(0, i, width))["image"][top:top + height], "caption": s["caption"]}
-            for i in range(n)]
+    return [{"image": (s := data.render_scene(0, i, size))["image"], "caption": s["caption"]} for i in range(n)]

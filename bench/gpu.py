@@ -15,11 +15,13 @@ weights). Without CUDA it refuses in one line. tests/test_gpu_paths.py runs the 
 the CPU with the tiny preset, tiny experts and gloo: every line of it except the CUDA calls.
 """
 
+import json
 import os
 import socket
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -70,12 +72,17 @@ def one_process_group(device, backend):
 
 def check(device, preset="B/16", batch=64, steps=10, subsets=(mtv.ALL_TASKS, ("clip",)), compile=True,
           experts=tuple(experts_lib.REAL_SIZE), expert_batch=16, backend="nccl", precision="auto", image_size=None,
-          compile_after_s=300, root=None, say=print):
+          compile_after_s=240, root=None, say=print, save=None):
     """Runs the check on device and returns its report (a dict). experts: names of
     experts_lib.REAL_SIZE, or (kind, folder) pairs; image_size: default the preset's; root:
     where the toy shard and the expert folders are written (default: a temporary folder).
-    Compiled steps come last, as the slowest and least certain part: one that would start after
-    compile_after_s seconds is skipped with a line, so the whole check stays within ~8 minutes."""
+
+    Each measurement that fails prints one line and is recorded under report["errors"], and the
+    check goes on with the next, so one failure (a compiler missing on a bare GPU machine, an
+    NCCL problem) does not lose the others; save(report), if given, is called after each stage.
+    Compiled steps come last, clip alone first (it compiles faster), as the slowest and least
+    certain part: one that would start after compile_after_s seconds is skipped with a line, so
+    the check stays within about 8 minutes."""
     import tempfile
 
     start = time.perf_counter()
@@ -85,90 +92,116 @@ def check(device, preset="B/16", batch=64, steps=10, subsets=(mtv.ALL_TASKS, ("c
     say(f"GPU check on {name}: torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"bf16 peak {'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} "
         f"(known: {', '.join(PEAK_BF16)})")
-    report = {"device": name, "torch": torch.__version__, "peak_bf16": peak, "steps": [], "experts": {}}
+    report = {"device": name, "torch": torch.__version__, "peak_bf16": peak, "steps": [], "experts": {},
+              "errors": {}}
 
     def elapsed():
         return time.perf_counter() - start
 
-    tmp = tempfile.TemporaryDirectory() if root is None else None
-    root = root or tmp.name
-    os.makedirs(root, exist_ok=True)
-
-    # 1. the training step, on toy scenes labelled by the simulated experts
-    size = image_size or mtv.build_config(preset).vision.image_size
-    samples = labelled_toy(root, min(batch, 16), size)[2]
-    flops = {}
-
-    def time_step(tasks, compiled):
-        step = Step(preset, samples, batch, device, tasks, precision=precision, compile=compiled, image_size=size)
-        if tasks not in flops:
-            flops[tasks] = count_flops(step)  # eager; the compiled step does the same work
-        seconds, warm, mem = step_speed(step, steps, sync)
-        del step
+    def attempt(what, fn):
+        """fn(), or one line and an entry in report["errors"] if it raises."""
+        try:
+            fn()
+        except (Exception, SystemExit) as e:  # a failed part (SystemExit: pseudolabel's one-line refusals)
+            # must not take the others with it
+            report["errors"][what] = f"{type(e).__name__}: {e}"
+            say(f"[{elapsed():4.0f} s] {what}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        f = flops[tasks]
-        mfu = f / seconds / peak if peak else None
-        report["steps"].append({"tasks": list(tasks), "compiled": compiled, "batch": batch, "seconds": seconds,
-                                "images_per_s": batch / seconds, "flops": f, "mfu": mfu, "memory_gb": mem,
-                                "warmup_seconds": warm})
-        shown = {"mfu": "n/a" if mfu is None else f"{mfu:.1%}", "mem": "n/a" if mem is None else f"{mem:.1f} GB"}
-        say(f"[{elapsed():4.0f} s] {preset} step, {'+'.join(tasks):<22} {'compiled' if compiled else 'eager':<8} "
-            f"batch {batch}: {seconds * 1e3:7.1f} ms, {batch / seconds:7.0f} img/s, {f / batch / 1e9:.0f} GFLOP/img, "
-            f"MFU {shown['mfu']}, peak mem {shown['mem']}, first 3 steps {warm:.0f} s")
+        if save is not None:
+            save(report)
 
-    for tasks in subsets:
-        time_step(tuple(tasks), False)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = root or scratch
+        os.makedirs(root, exist_ok=True)
 
-    # 2. the experts, at the precision pseudolabel.py uses (auto: bf16 on CUDA)
-    cfg = pseudolabel.LabelConfig("", root, "", "", device=str(device), precision=precision)
-    photos = experts_lib.photo_samples(expert_batch) if experts else []
-    for which in experts:
-        label, (kind, folder) = ((which, experts_lib.save_real_size(root, which)) if isinstance(which, str)
-                                 else (os.path.basename(which[1]), which))
-        expert = pseudolabel.load_expert(kind, folder, cfg, device)
-        c = expert_cost(kind, expert, photos, sync, 3)
-        del expert
-        c["images_per_s"] = 1 / c["seconds"]
-        c["mfu"] = c["flops"] / c["seconds"] / peak if peak else None
-        report["experts"][label] = c
-        (h, w), (mh, mw) = c["input"], c["model_input"]
-        say(f"[{elapsed():4.0f} s] expert {label:<26} batch {expert_batch}, {w}x{h} -> {mw}x{mh}: "
-            f"{c['images_per_s']:7.1f} img/s, {c['flops'] / 1e9:.0f} GFLOP/img, "
-            f"MFU {'n/a' if c['mfu'] is None else format(c['mfu'], '.1%')}")
-    if tmp is not None:
-        tmp.cleanup()
+        # 1. the training step, on toy scenes labelled by the simulated experts
+        size = image_size or mtv.build_config(preset).vision.image_size
+        samples = labelled_toy(root, min(batch, 16), size)[2]
+        flops = {}
+
+        def time_step(tasks, compiled):
+            step = Step(preset, samples, batch, device, tasks, precision=precision, compile=compiled,
+                        image_size=size)
+            if tasks not in flops:
+                flops[tasks] = count_flops(step)  # eager; the compiled step does the same work
+            seconds, warm, mem = step_speed(step, steps, sync)
+            del step
+            f = flops[tasks]
+            mfu = f / seconds / peak if peak else None
+            report["steps"].append({"tasks": list(tasks), "compiled": compiled, "batch": batch, "seconds": seconds,
+                                    "images_per_s": batch / seconds, "flops": f, "mfu": mfu, "memory_gb": mem,
+                                    "warmup_seconds": warm})
+            shown = {"mfu": "n/a" if mfu is None else f"{mfu:.1%}", "mem": "n/a" if mem is None else f"{mem:.1f} GB"}
+            say(f"[{elapsed():4.0f} s] {preset} step, {'+'.join(tasks):<22} {'compiled' if compiled else 'eager':<8} "
+                f"batch {batch}: {seconds * 1e3:7.1f} ms, {batch / seconds:7.0f} img/s, "
+                f"{f / batch / 1e9:.0f} GFLOP/img, MFU {shown['mfu']}, peak mem {shown['mem']}, "
+                f"first 3 steps {warm:.0f} s")
+
+        for tasks in subsets:
+            attempt(f"{preset} step {'+'.join(tasks)} eager", partial(time_step, tuple(tasks), False))
+
+        # 2. the experts, at the precision pseudolabel.py uses (auto: bf16 on CUDA), on images of
+        # the size the README's img2dataset command writes
+        cfg = pseudolabel.LabelConfig("", root, "", "", device=str(device), precision=precision)
+        photos = experts_lib.photo_samples(expert_batch) if experts else []
+
+        def time_expert(which):
+            label, (kind, folder) = ((which, experts_lib.save_real_size(root, which)) if isinstance(which, str)
+                                     else (os.path.basename(which[1]), which))
+            expert = pseudolabel.load_expert(kind, folder, cfg, device)
+            c = expert_cost(kind, expert, photos, sync, 3)
+            del expert
+            c["images_per_s"] = 1 / c["seconds"]
+            c["mfu"] = c["flops"] / c["seconds"] / peak if peak else None
+            report["experts"][label] = c
+            (h, w), (mh, mw) = c["input"], c["model_input"]
+            say(f"[{elapsed():4.0f} s] expert {label:<26} batch {expert_batch}, {w}x{h} -> {mw}x{mh}: "
+                f"{c['images_per_s']:7.1f} img/s, {c['flops'] / 1e9:.0f} GFLOP/img, "
+                f"MFU {'n/a' if c['mfu'] is None else format(c['mfu'], '.1%')}")
+
+        for which in experts:
+            attempt(f"expert {which if isinstance(which, str) else which[1]}", partial(time_expert, which))
 
     # 3. the process group
-    seconds, ok = one_process_group(device, backend)
-    report["process_group"] = {"backend": backend, "seconds": seconds, "all_reduce_ok": ok}
-    say(f"[{elapsed():4.0f} s] {backend}: one-process group initialised and all-reduced in {seconds:.2f} s, "
-        f"result {'right' if ok else 'WRONG'}")
+    def process_group():
+        seconds, ok = one_process_group(device, backend)
+        report["process_group"] = {"backend": backend, "seconds": seconds, "all_reduce_ok": ok}
+        say(f"[{elapsed():4.0f} s] {backend}: one-process group initialised and all-reduced in {seconds:.2f} s, "
+            f"result {'right' if ok else 'WRONG'}")
+        if not ok:
+            raise RuntimeError(f"{backend} all-reduce gave a wrong sum")
 
-    # 4. the compiled steps
-    for tasks in subsets if compile else ():
+    attempt(f"{backend} process group", process_group)
+
+    # 4. the compiled steps, the quicker compile first
+    for tasks in sorted(subsets, key=len) if compile else ():
         if elapsed() > compile_after_s:
             say(f"[{elapsed():4.0f} s] {preset} step, {'+'.join(tasks)} compiled: skipped, the check has run "
                 f"past {compile_after_s} s (compare eager and compiled with train.py --compile instead)")
             continue
-        time_step(tuple(tasks), True)
+        attempt(f"{preset} step {'+'.join(tasks)} compiled", partial(time_step, tuple(tasks), True))
     report["seconds"] = elapsed()
-    say(f"[{elapsed():4.0f} s] done")
+    say(f"[{elapsed():4.0f} s] done" + (f"; {len(report['errors'])} part(s) FAILED: {', '.join(report['errors'])}"
+                                         if report["errors"] else ""))
     return report
 
 
 def main(args):
-    """`python -m bench --gpu`: refuses in one line without CUDA; else runs check() on cuda:0."""
+    """`python -m bench --gpu`: refuses in one line without CUDA; else runs check() on cuda:0,
+    writing --json after every stage; exit code 1 if any part failed."""
     if not torch.cuda.is_available():
         print("python -m bench --gpu: no CUDA device is visible to torch "
               f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); run it on a GPU machine",
               file=sys.stderr)
         raise SystemExit(2)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    report = check(torch.device("cuda", 0), batch=args.mfu_batch)
-    if args.json:
-        import json
 
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    def save(report):
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+
+    report = check(torch.device("cuda", 0), batch=args.mfu_batch, save=save)
+    if report["errors"]:
+        raise SystemExit(1)
     return report

@@ -112,6 +112,16 @@ def test_bf16_pseudolabel_batch_matches_fp32(toy, tiny_experts, tmp_path):
         corr = np.corrcoef(a["depth"].ravel(), b["depth"].ravel())[0, 1]
         assert corr > 0.99, corr
         assert a["ground"]["expert"] == owl_dir and len(a["ground"]["entities"]) > 0
+    # OWLv2's raw detections on one batch: the same prior boxes and their scores within bf16 rounding
+    samples = [data.decode_sample(k, m) for k, m in data.iter_tar(toy[0])][:4]
+    queries = [pseudolabel.extract_entities(s["caption"]) for s in samples]
+    dets = {}
+    for p in ("bf16", "fp32"):
+        cfg = pseudolabel.LabelConfig("", str(tmp_path), "", "", device="cpu", precision=p)
+        dets[p] = pseudolabel.load_expert("ground", owl_dir, cfg, torch.device("cpu"))(samples, queries)
+    for a, b in zip(dets["bf16"], dets["fp32"]):
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-2) and a["scores"].dtype == torch.float32
+        assert (a["scores"] - b["scores"]).abs().max() < 0.02, (a["scores"] - b["scores"]).abs().max()
 
 
 def compiler_missing():
@@ -159,9 +169,7 @@ def test_gpu_check_runs_on_the_cpu(tiny_experts, tmp_path):
     four, clip = report["steps"]
     assert four["flops"] > 2 * clip["flops"] > 0 and all(s["images_per_s"] > 0 for s in report["steps"])
     assert set(report["experts"]) == {"depth", "owl"}
-    # 640 x 480 photo: DPT scales as little as possible while fitting 32, so the height to 32 and the
-    # width to 42.7, rounded to a multiple of the patch (8): 32 x 40
-    assert report["experts"]["depth"]["model_input"] == [32, 40]
+    assert report["experts"]["depth"]["model_input"] == [32, 32]  # 256 x 256 shard images -> the processor's 32
     assert report["experts"]["owl"]["model_input"] == [32, 32]  # OWLv2 pads to a square
     assert report["process_group"]["all_reduce_ok"]
     assert len(lines) == 1 + 2 + 2 + 1 + 1 and "gloo" in lines[-2]
@@ -173,10 +181,16 @@ def test_gpu_check_runs_on_the_cpu(tiny_experts, tmp_path):
     assert [s["compiled"] for s in report["steps"]] == [False, True]
     eager, compiled = report["steps"]
     assert compiled["flops"] == eager["flops"] and compiled["seconds"] > 0
+    # A compile that would start too late is skipped; a part that fails (here an expert folder that
+    # does not exist) prints one line and is recorded, and the parts after it still run.
+    saved = []
     report = gpu.check(torch.device("cpu"), preset="tiny", batch=4, steps=1, subsets=(("clip",),), compile=True,
-                       experts=(), backend="gloo", image_size=32, compile_after_s=0, root=str(tmp_path / "late"),
-                       say=lines.append)
+                       experts=[("depth", str(tmp_path / "missing"))], expert_batch=1, backend="gloo", image_size=32,
+                       compile_after_s=0, root=str(tmp_path / "late"), say=lines.append, save=saved.append)
     assert [s["compiled"] for s in report["steps"]] == [False] and "skipped" in lines[-2]
+    assert list(report["errors"]) == [f"expert {tmp_path / 'missing'}"] and report["process_group"]["all_reduce_ok"]
+    assert any("FAILED" in line for line in lines) and "1 part(s) FAILED" in lines[-1]
+    assert len(saved) == 3  # after the eager step, the expert and the process group
 
 
 def test_flop_count_includes_attention_on_the_cpu():
@@ -192,20 +206,12 @@ def test_flop_count_includes_attention_on_the_cpu():
 
 
 def test_real_size_experts_have_the_published_sizes():
-    """Depth Anything V2's paper and model cards: Small 24.8M parameters, Base 97.5M. Built on the
-    meta device: the configuration alone, no memory and no weights."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-
+    """Depth Anything V2's paper and model cards: Small 24.8M parameters, Base 97.5M. Built by
+    bench/experts.py's own builder on the meta device: the configuration alone, no memory. (OWLv2
+    publishes no parameter count to check against; its sizes are its config's, written out.)"""
     for size, millions in (("Small", 24.8), ("Base", 97.5)):
-        c = experts_lib.DEPTH_ANYTHING_V2[size]
-        backbone = Dinov2Config(image_size=c["image_size"], patch_size=c["patch"], hidden_size=c["hidden"],
-                                num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-                                intermediate_size=4 * c["hidden"], reshape_hidden_states=False,
-                                out_features=[f"stage{i}" for i in c["taps"]])
         with torch.device("meta"):
-            model = DepthAnythingForDepthEstimation(DepthAnythingConfig(
-                backbone_config=backbone, reassemble_hidden_size=c["hidden"], neck_hidden_sizes=list(c["neck"]),
-                fusion_hidden_size=c["fusion"], patch_size=c["patch"], depth_estimation_type="relative"))
+            model = experts_lib.depth_anything(**experts_lib.DEPTH_ANYTHING_V2[size])
         assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions, size
 
 
@@ -225,7 +231,7 @@ def test_bench_real_size_rows(tmp_path, monkeypatch):
     rows, report = [], {}
     real_experts(Namespace(device=torch.device("cpu"), quick=True), str(tmp_path), rows, report)
     assert [r["section"] for r in rows] == ["g", "g"] and all(r["ratio"] > 0 for r in rows)
-    assert report["experts"]["tiny Depth Anything"]["model_input"] == [28, 42]  # 480 -> 28, 640 -> 37.3 -> 42
+    assert report["experts"]["tiny Depth Anything"]["model_input"] == [28, 28]
     assert report["experts"]["tiny OWLv2"]["model_input"] == [32, 32]
     assert all(c["flops"] > 0 and c["seconds"] > 0 for c in report["experts"].values())
     assert "GFLOP counted per image" in rows[0]["detail"] and "s per image on this CPU" in rows[0]["detail"]
