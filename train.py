@@ -287,8 +287,12 @@ def run_info():
         here = os.path.dirname(os.path.abspath(__file__))
         commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
+        # uncommitted changes to tracked files: the commit alone does not say what ran
+        dirty = bool(subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()) \
+            if commit != "unknown" else None
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        commit, dirty = "unknown", None
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "numpy": np.__version__}
     for lib in ("torchvision", "transformers"):  # read from the metadata: importing transformers is slow
@@ -296,7 +300,7 @@ def run_info():
             versions[lib] = importlib.metadata.version(lib)
         except importlib.metadata.PackageNotFoundError:
             pass
-    return {"git_commit": commit, "versions": versions}
+    return {"git_commit": commit, "git_dirty": dirty, "versions": versions}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -341,7 +345,8 @@ def plot_losses(metrics_path, png_path, refs=None):
     import matplotlib.pyplot as plt
 
     refs = refs or {}
-    rows = [json.loads(line) for line in open(metrics_path)]
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
     for r in rows:
         for t in ("clip", "ground"):
             if f"{t}_pos_logit" in r and f"{t}_neg_logit" in r:
@@ -607,7 +612,10 @@ def setup(cfg):
     elif cfg.resume == "latest":
         print0(f"--resume latest: no checkpoint in {cfg.out} yet, starting from scratch")
     if rank == 0:  # drop log lines written after the checkpoint we continue from
-        kept = [l for l in open(metrics_path)] if os.path.exists(metrics_path) else []
+        kept = []
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = list(f)
         kept = [l for l in kept if json.loads(l)["step"] <= step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)

@@ -496,7 +496,11 @@ def grid_throughput(args, shard, root, rows):
     def images_per_s(outs, procs):
         if any(p.wait() for p in procs):
             raise RuntimeError("a bench training run failed")
-        return sum(json.loads(open(os.path.join(o, "metrics.jsonl")).readlines()[-1])["img_per_s"] for o in outs)
+        def last_row(out):
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                return json.loads(f.readlines()[-1])
+
+        return sum(last_row(o)["img_per_s"] for o in outs)
 
     one = os.path.join(root, "grid-one")
     single = images_per_s([one], [launch(one, cores)])
