@@ -383,5 +383,6 @@ def test_every_load_is_weights_only_and_nothing_is_extracted():
                 loads += 1
                 assert any(k.arg == "weights_only" and getattr(k.value, "value", None) is True
                            for k in node.keywords), f"{where}: torch.load without weights_only=True"
-            assert node.func.attr not in ("extract", "extractall"), f"{where}: a tar member is extracted to disk"
+            if getattr(node.func.value, "id", None) != "evaluate":  # evaluate.extract: features, not files
+                assert node.func.attr not in ("extract", "extractall"), f"{where}: a tar member is extracted to disk"
     assert loads >= 3  # train.py, mtv.py, evaluate.py at least
