@@ -1080,8 +1080,9 @@ def compare(run_dirs, out):
     order = sorted(groups, key=lambda ts: (len(ts), [mtv.ALL_TASKS.index(t) for t in ts]))  # VL, + SSL, ...
     everything = [r for g in groups.values() for r in g] + list(inits.values())
     if len(precisions := {r.get("precision", "fp32") for r in everything}) > 1:  # older results: fp32
-        print(f"note: these evaluations ran in different precisions ({', '.join(sorted(precisions))}); "
-              "bf16 and fp32 features differ slightly, so small differences between such rows may come from precision", file=sys.stderr)
+        print(f"note: these evaluations ran in different precisions ({', '.join(sorted(precisions))}); bf16 "
+              "and fp32 features differ slightly, so small differences between such rows may come from it",
+              file=sys.stderr)
     names = [k for k in KEY_METRICS if any(k in r["metrics"] for r in everything)]
     refs = {k: {ref: (float(np.mean(v)) if (v := [r[ref][k] for r in everything
                                                   if r[ref].get(k) is not None]) else None)
