@@ -89,6 +89,13 @@ PRESETS = {
         TextConfig(2048, 64, 192, 4, 3, 768, tokenizer="words"),
         HeadConfig(512, 128, 1024, 512, 32, 2),
     ),
+    # The toy ladder's model (README Results): the tiny preset at two thirds of the width and half
+    # the text depth, so that Figure 1's grid of 12 converged runs fits about 90 minutes on 2 cores.
+    "micro": MTVConfig(
+        ViTConfig(64, 8, 128, 4, 2, 512),
+        TextConfig(2048, 64, 128, 2, 2, 512, tokenizer="words"),
+        HeadConfig(512, 128, 1024, 512, 16, 2),
+    ),
     "S/16": MTVConfig(ViTConfig(224, 16, 384, 12, 6, 1536), TextConfig(258, 64, 384, 12, 6, 1536)),
     # Shaped exactly as google/siglip-base-patch16-224 and google/siglip-large-patch16-256, the
     # shapes of the released MTV checkpoints (SigLIP's 32k sentencepiece vocabulary, 64 tokens; with
