@@ -86,3 +86,28 @@ def test_readme_python_lines_run(tmp_path):
 @pytest.mark.parametrize("target", ["demo", "test", "install", "ablate"])
 def test_make_targets_exist(target):
     assert re.search(rf"^{target}:", (ROOT / "Makefile").read_text(), re.M)
+
+
+def test_models_table_parameter_counts():
+    """The README's Models table says each preset's parameters (towers / with all heads) as
+    test_model counts towers; a preset whose shape changes must change its row."""
+    import torch
+
+    import mtv
+    heads = ("dino_head.", "ibot_head.", "depth_head.", "ground_head.", "ground_logit_", "vision.mask_token")
+    rows = re.findall(r"^\| `([^`]+)` \|.*\| ([\d.]+)M / ([\d.]+)M \|$", (ROOT / "README.md").read_text(), re.M)
+    assert {name for name, _, _ in rows} == set(mtv.PRESETS)
+    for name, towers, total in rows:
+        with torch.device("meta"):
+            model = mtv.MTV(mtv.build_config(name))
+        counts = [sum(p.numel() for n, p in model.named_parameters() if not n.startswith(heads)),
+                  sum(p.numel() for p in model.parameters())]
+        assert [round(c / 1e6, 1) for c in counts] == [float(towers), float(total)], name
+
+
+def test_ablate_defaults_are_the_readme_recipe():
+    """`make ablate` at its defaults must be the recipe the README's ladder table names."""
+    make = dict(re.findall(r"^(\w+)\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M))
+    recipe = re.search(r"The chosen recipe is `(\S+)`, ([\d,]+) steps at lr (\S+)\*\*", (ROOT / "README.md").read_text())
+    assert recipe, "README Results names no chosen recipe"
+    assert (make["MODEL"], make["STEPS"], make["LR"]) == (recipe[1], recipe[2].replace(",", ""), recipe[3])
