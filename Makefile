@@ -32,14 +32,18 @@ demo: $(VENV)/.installed
 # The paper's Figure 1 ladder on the toy world, at the recipe chosen by README Results' sweep (the
 # micro preset at 32 px, 1,500 steps at lr 3e-4, at which CLIP alone clearly learns): every row of
 # ROWS x every seed of SEEDS is trained and evaluated, in LANES parallel runs of one thread each
-# (two 2-thread runs on 2 cores run ~20x slower than two 1-thread runs); finished runs are skipped and half-done ones resumed, so the
-# target can be rerun after an interruption. The untrained model of INIT_ROW is evaluated for
-# every seed (--init), then everything is aggregated into $(ABLATE)/compare.md and radar.png.
+# (two 2-thread runs on 2 cores run ~20x slower than two 1-thread runs); finished runs are skipped
+# and half-done ones resumed, so the target can be rerun after an interruption. The untrained
+# model of INIT_ROW is evaluated for every seed (--init), then everything is aggregated into
+# $(ABLATE)/compare.md and radar.png.
 # Override any variable:
-#   make ablate ROWS="clip,ssl,depth,ground ssl,depth,ground clip,depth,ground clip,ssl,ground clip,ssl,depth"
+#   make ablate ROWS="ssl,depth,ground clip,depth,ground clip,ssl,ground clip,ssl,depth clip,ssl,depth,ground"
+#                                                        each objective left out once (the paper's
+#                                                        synergy analysis; the full row last = INIT_ROW)
 #   make ablate ROWS="clip ssl depth ground"             each objective alone
-#   make ablate MODEL=tiny STEPS=2000 LR=1.5e-4 ABLATE=runs/ablate-tiny  the wider tiny preset at
-#                                                        its own recipe (README sweep): about 3.8 h in 2 lanes
+#   make ablate MODEL=tiny STEPS=2000 LR=1.5e-4 ABLATE=runs/ablate-tiny
+#                                                        the wider tiny preset at its own recipe (README
+#                                                        sweep): an estimated 3.8 h in 2 lanes
 #   make ablate ABLATE=runs/data-2k TOY_N=2000           data scaling (number of training scenes)
 #   make ablate ABLATE=runs/model-s16 MODEL=S/16 SIZE=64 model scaling
 ROWS   ?= clip clip,ssl clip,ssl,ground clip,ssl,depth,ground

@@ -47,7 +47,7 @@ HEADS = {"ssl": ("dino_head", "ibot_head"), "depth": ("depth_head",), "ground": 
 
 
 def test_configs_and_tokenizer(cfg):
-    with pytest.raises(ValueError, match="tiny, S/16, B/16, L/16"):
+    with pytest.raises(ValueError, match=", ".join(mtv.PRESETS)):
         mtv.build_config("XL/14")
     assert mtv.config_from_dict(asdict(cfg)) == cfg
     with pytest.raises(ValueError, match="unknown ViTConfig fields"):
