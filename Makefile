@@ -56,11 +56,12 @@ LR     ?= 3e-4
 BATCH  ?= 32
 NLOCAL ?= 2
 TOY_N  ?= 8000
+CAPTIONS ?= web
 EVAL_N ?= 2000
 LANES  ?= $(shell nproc)
 INIT_ROW ?= $(lastword $(ROWS))
 comma  := ,
-TOYDATA = runs/toy-data/n$(TOY_N)-px$(SIZE)
+TOYDATA = runs/toy-data/world2-$(CAPTIONS)-n$(TOY_N)-px$(SIZE)
 RUNS    = $(foreach t,$(ROWS),$(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(t))-seed$(s)))
 INITS   = $(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(INIT_ROW))-seed$(s)/eval-init/results.json)
 ONE     = OMP_NUM_THREADS=1 $(PY)
@@ -79,7 +80,7 @@ ablate-runs: $(addsuffix /eval/results.json,$(call reverse,$(RUNS))) $(INITS)
 
 # The toy world once, as train.py would make it, so that parallel lanes do not race to write it.
 $(TOYDATA)/labelled/summary.json:
-	$(PY) data.py --out $(TOYDATA)/raw --n $(TOY_N) --val-n 512 --size $(SIZE) --seed 0
+	$(PY) data.py --out $(TOYDATA)/raw --n $(TOY_N) --val-n 512 --size $(SIZE) --seed 0 --captions $(CAPTIONS)
 	$(PY) pseudolabel.py --shards '$(TOYDATA)/raw/*.tar' --out $(TOYDATA)/labelled \
 		--depth-expert simulated --ground-expert simulated
 
@@ -87,7 +88,7 @@ $(ABLATE)/%/eval/results.json: $(TOYDATA)/labelled/summary.json
 	@mkdir -p $(ABLATE)/$* && echo "start $* (log: $(ABLATE)/$*/log.txt)"
 	@$(ONE) train.py --tasks $(call run_tasks,$*) --seed $(call run_seed,$*) --model $(MODEL) \
 		--image-size $(SIZE) --steps $(STEPS) --lr $(LR) --batch-size $(BATCH) --n-local $(NLOCAL) \
-		--toy-n $(TOY_N) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
+		--toy-n $(TOY_N) --captions $(CAPTIONS) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
 		> $(ABLATE)/$*/log.txt 2>&1 || { tail -3 $(ABLATE)/$*/log.txt; exit 1; }
 	@$(ONE) evaluate.py $(ABLATE)/$*/checkpoint.pt --n $(EVAL_N) > $(ABLATE)/$*/eval.log 2>&1 \
 		|| { tail -3 $(ABLATE)/$*/eval.log; exit 1; }

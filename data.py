@@ -1,17 +1,25 @@
 """Data for mtv: the toy world, shard reading and writing, label-consistent views, collation.
 
 The toy world is a tiny procedural 3-D world (coloured cubes, spheres, cylinders and cones on a
-textured floor) rendered by analytic ray casting in numpy. Every scene comes with the truth that
-real data lacks: metric depth per pixel, instance masks, boxes with entity names, probe labels and
-a caption that names every object and some spatial relations. That makes each of the four MTV
-objectives, and every evaluation, runnable and checkable on a CPU.
+textured floor before a brick wall, seen by a camera of random height, pitch and roll) rendered by
+analytic ray casting in numpy. Every scene comes with the truth that real data lacks: metric depth
+per pixel, instance masks, boxes with entity names and probe labels. Its caption is web alt-text
+by default (some objects, often without or with wrong attributes) or, with --captions full, names
+every object and some relations. That makes each of the four MTV objectives, and every
+evaluation, runnable and checkable on a CPU.
+
+The world is built so that the paper's question has an answer at the ladder's 32 px with 8-px
+patches (tests/test_world.py checks each): nearly every object covers a patch, its shape can be
+read from the 2x2 patches around it, the patch position explains only about half of the depth,
+and the captions leave out what the image shows.
 
 Shards are POSIX tars in webdataset layout (members grouped by key: KEY.png, KEY.txt, ...), read
 with the standard library's tarfile; img2dataset output (KEY.jpg + KEY.txt + KEY.json) is valid
 input as is. `ShardDataset` streams them, split over ranks and dataloader workers, and applies
 `make_views`: random resized crops and flips that move depth maps and boxes with the image.
 
-    python data.py --out data/toy --n 2000 --val-n 500     # write train/val shards
+    python data.py --out data/toy --n 2000 --val-n 500     # write train/val shards (web captions)
+    python data.py --out data/toy-full --n 2000 --captions full
     python data.py --preview data/toy/train-000000.tar --png preview.png
 """
 
@@ -43,17 +51,47 @@ SIZES = ("small", "large")
 
 RGB = np.array([(0.85, 0.13, 0.10), (0.95, 0.50, 0.08), (0.95, 0.85, 0.15), (0.20, 0.68, 0.22),
                 (0.15, 0.75, 0.80), (0.15, 0.30, 0.88), (0.55, 0.22, 0.75), (0.92, 0.92, 0.90)])
-RADIUS = {"small": 0.4, "large": 0.7}              # world units; the camera stands ~1.6 high
+# World units; the camera stands 1.2-2.2 high. Objects are large and near (1.8-4.2 units away) so
+# that at 32 px with 8-px patches nearly every object covers a patch or more: a ViT can only learn
+# the shape of what its patch grid can see.
+RADIUS = {"small": 0.65, "large": 1.05}
 FLOORS = {                                         # two checker tones each, desaturated: no floor
     "grey tiled": ((0.55, 0.55, 0.56), (0.40, 0.40, 0.42)),  # passes for an object colour
     "sandy": ((0.72, 0.64, 0.50), (0.60, 0.52, 0.40)),
     "brown wooden": ((0.50, 0.38, 0.28), (0.40, 0.30, 0.22)),
     "slate": ((0.42, 0.46, 0.50), (0.32, 0.35, 0.39)),
 }
+WALLS = (((0.78, 0.75, 0.70), (0.66, 0.63, 0.58)),  # brick courses in two tones, as desaturated
+         ((0.62, 0.60, 0.66), (0.52, 0.50, 0.56)),  # as the floors
+         ((0.58, 0.50, 0.46), (0.48, 0.41, 0.37)))
+# Bumped whenever render_scene draws different scenes, so that toy data made by an older world
+# (train.py and make ablate cache it under runs/toy-data/) is never mistaken for this one's.
+WORLD = "world2"
 FOV = math.radians(50.0)                           # square images: same field of view both ways
 FOCAL = 0.5 / math.tan(FOV / 2)                    # focal length in units of the image width
 MAX_HIDDEN = 0.35                                  # most of a farther object's disc a nearer one may hide
 HORIZON, ZENITH = np.array([0.80, 0.86, 0.92], np.float32), np.array([0.35, 0.55, 0.85], np.float32)
+
+
+def sample_camera(rng):
+    """Camera and room of one scene. A fixed camera would make depth a function of the image row
+    (a probe on patch position alone explained 94 % of the patch depth in a world without roll
+    and wall), so the camera's height, pitch and roll vary widely and a back wall stands at a
+    random distance, cutting the floor off: where a pixel is says much less about how far it is."""
+    height = rng.uniform(1.2, 2.2)
+    pitch = rng.uniform(math.radians(4), min(math.radians(30), math.atan(height / 2.8)))  # objects fit
+    nearest = height / math.tan(pitch + FOV / 2)               # the nearest floor point in view
+    return {"height": height, "pitch": pitch, "roll": math.radians(rng.uniform(-15, 15)), "fov": FOV,
+            "wall": max(rng.uniform(4.0, 12.0), nearest + 2.0),  # room for an object in front of it
+            "wall_height": rng.uniform(2.5, 6.0)}
+
+
+def rotation(pitch, roll):
+    """(3, 3) camera-to-world rotation: roll about the viewing axis, then pitch down."""
+    cr, sr, cp, sp = math.cos(roll), math.sin(roll), math.cos(pitch), math.sin(pitch)
+    R_roll = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
+    R_pitch = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    return (R_pitch @ R_roll).astype(np.float32)
 
 
 @lru_cache(maxsize=8)
@@ -68,20 +106,16 @@ def camera_rays(size):
     return np.stack([u.ravel(), -v.ravel(), np.ones(size * size)]).astype(np.float32)
 
 
-def world_rays(size, pitch):
-    """Tilt the camera rays down by `pitch` (radians) into world axes (x right, y up, z ahead)."""
-    d = camera_rays(size)
-    cp, sp = math.cos(pitch), math.sin(pitch)
-    return np.stack([d[0], d[1] * cp - d[2] * sp, d[1] * sp + d[2] * cp])   # (3, N)
+def world_rays(size, cam):
+    """The camera rays rotated into world axes (x right, y up, z ahead): (3, N). A rotation keeps
+    the rays' camera z, so t along them is still depth."""
+    return rotation(cam["pitch"], cam["roll"]) @ camera_rays(size)
 
 
-def project(point, height, pitch):
+def project(point, cam):
     """World point -> (x, y) in 0..1 image coordinates and its depth (camera z)."""
-    x, y, z = point
-    cp, sp = math.cos(pitch), math.sin(pitch)
-    yc = (y - height) * cp + z * sp                            # camera-frame up
-    zc = -(y - height) * sp + z * cp                           # camera-frame forward = depth
-    return 0.5 + FOCAL * x / zc, 0.5 - FOCAL * yc / zc, zc
+    q = rotation(cam["pitch"], cam["roll"]).T @ (np.asarray(point, np.float32) - [0, cam["height"], 0])
+    return 0.5 + FOCAL * float(q[0] / q[2]), 0.5 - FOCAL * float(q[1] / q[2]), float(q[2])
 
 
 # Ray-primitive intersections. Every object stands on the floor (y = 0) around its vertical axis.
@@ -185,8 +219,9 @@ def _lens(r1, r2, d):
         (-d + r1 + r2) * (d + r1 - r2) * (d - r1 + r2) * (d + r1 + r2))
 
 
-def sample_layout(rng, height, pitch):
-    """1-4 objects with distinct names, all inside the frame, none hidden behind the others.
+def sample_layout(rng, cam):
+    """1-3 objects with distinct names in front of the wall, all inside the frame, none hidden
+    behind the others.
 
     Placement is checked on the projected bounding discs, not on pixels, so a (seed, index) gives
     the same scene at every resolution. A candidate that collides in 3-D, leaves the frame or would
@@ -195,13 +230,22 @@ def sample_layout(rng, height, pitch):
     """
     objs, discs = [], []                                       # discs: (x, y, radius, depth), 0..1 units
     for _ in range(rng.integers(1, 5)):
-        for _ in range(30):
+        for _ in range(100 if objs else 300):                  # every scene has an object
             u = rng.random(6).tolist()                         # one call: each rng call costs ~us
             ob = make_object(SHAPES[int(4 * u[0])], COLORS[int(8 * u[1])], SIZES[int(2 * u[2])],
-                             0.0, 2.8 + 5.2 * u[3], math.pi / 2 * u[4])
-            zc = project(ob["center"], height, pitch)[2]
-            ob["center"][0] = (0.08 + 0.84 * u[5] - 0.5) * zc / FOCAL   # screen x -> world x there
-            x, y, zc = project(ob["center"], height, pitch)
+                             0.0, 0.0, math.pi / 2 * u[4])
+            # Aim at a random point of the image and stand the object where that ray meets the
+            # height of its centre: objects land in view whatever the camera's height and pitch.
+            ray = rotation(cam["pitch"], cam["roll"]) @ np.array(
+                [(0.08 + 0.84 * u[5] - 0.5) / FOCAL, (0.5 - (0.2 + 0.7 * u[3])) / FOCAL, 1], np.float32)
+            t = (ob["center"][1] - cam["height"]) / min(float(ray[1]), -1e-6)
+            ob["center"][0], ob["center"][2] = float(t * ray[0]), float(t * ray[2])
+            near = FOCAL * ob["bound"] / 0.42                  # far enough to fit in the frame
+            nearest = cam["height"] / math.tan(cam["pitch"] + FOV / 2)   # the nearest floor in view
+            far = min(max(4.0, nearest + 1), cam["wall"] - ob["foot"] - 0.2)  # big; never in the wall
+            if not near <= ob["center"][2] <= far:
+                continue
+            x, y, zc = project(ob["center"], cam)
             rad = FOCAL * ob["bound"] / zc
             if (ob["name"] in [o["name"] for o in objs] or not rad < x < 1 - rad
                     or not rad < y < 1 - rad or any(
@@ -223,12 +267,23 @@ def _a(phrase):
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def make_caption(rng, objs, discs, floor):
-    """A caption that names every object (sometimes with its size) and up to two relations.
+def relations(objs, discs):
+    """The spatial relations (i, relation, j) that are clear in the layout: behind / in front of
+    from the depths, left / right of from the projected centres."""
+    out = []
+    for i in range(len(objs)):
+        for j in range(i + 1, len(objs)):
+            (xi, _, _, zi), (xj, _, _, zj) = discs[i], discs[j]
+            if abs(zi - zj) > 1.0:                             # world units of depth
+                out.append((i, "behind" if zi > zj else "in front of", j))
+            elif abs(xi - xj) > 0.15:                          # fractions of the image width
+                out.append((i, "left of" if xi < xj else "right of", j))
+    return out
 
-    Relations come from the 3-D layout: behind / in front of from the depths, left / right of
-    from the projected centres, and only where the difference is clear enough to be unambiguous.
-    """
+
+def full_caption(rng, objs, discs, floor):
+    """A caption that names every object (sometimes with its size) and up to two relations: the
+    `--captions full` ablation, text that says everything an image shows."""
     listed = [_a(f"{o['size']} {o['name']}" if rng.random() < 0.5 else o["name"]) for o in objs]
     listed = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
     n = len(objs)
@@ -238,47 +293,82 @@ def make_caption(rng, objs, discs, floor):
             f"There {'is' if n == 1 else 'are'} {listed} on the {floor} floor.",
             f"{count} on a {floor} floor: {listed}.",
             f"A photo of {listed}."][rng.integers(5)]
-    relations = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            (xi, _, _, zi), (xj, _, _, zj) = discs[i], discs[j]
-            if abs(zi - zj) > 1.5:                             # world units of depth
-                relations.append((i, "behind" if zi > zj else "in front of", j))
-            elif abs(xi - xj) > 0.15:                          # fractions of the image width
-                relations.append((i, "left of" if xi < xj else "right of", j))
-    for k in rng.permutation(len(relations))[:2]:
-        i, rel, j = relations[k]
+    rel = relations(objs, discs)
+    for k in rng.permutation(len(rel))[:2]:
+        i, r, j = rel[k]
         a, b = objs[i]["name"], objs[j]["name"]
-        text += [f" The {a} is {rel} the {b}.", f" The {a} stands {rel} the {b}.",
-                 f" {_a(a).capitalize()} is {rel} {_a(b)}."][rng.integers(3)]
+        text += [f" The {a} is {r} the {b}.", f" The {a} stands {r} the {b}.",
+                 f" {_a(a).capitalize()} is {r} {_a(b)}."][rng.integers(3)]
     return text
 
 
-def render_scene(seed, index, size=64):
-    """Render scene `index` of the toy world with seed `seed` at size x size pixels.
+# Web alt-text (the default): the paper's premise is that image-text data lacks spatial and fine
+# detail because captions do not carry it, and SSL's published gains over CLIP (SLIP, SILC,
+# SigLIP 2) come with partial, noisy captions. So each object is mentioned with probability
+# WEB_MENTION (at least one, unless the caption is about nothing, WEB_NOTHING), its attributes are
+# often dropped or generic, a colour or shape is sometimes wrong (WEB_WRONG), relations are rare.
+WEB_MENTION, WEB_NOTHING, WEB_WRONG, WEB_RELATION = 0.6, 0.05, 0.08, 0.15
+WEB_FORMS = (("full", 0.45), ("shape", 0.2), ("color", 0.2), ("generic", 0.15))  # how an object is named
+WEB_TEMPLATES = ("{}", "{}.", "Photo of {}.", "{} on a {} floor", "CGI render of {}", "{} - stock image",
+                 "Image may contain: {}", "A picture with {}.", "{}, computer graphics")
+WEB_NOTHING_TEXT = ("untitled", "CGI rendering", "a rendered scene", "computer graphics image", "stock image")
 
-    Returns {"image": uint8 (S, S, 3), "depth": float32 (S, S) metric camera z, sky = inf,
-    "seg": uint8 (S, S) 0 = sky, 1 = floor, 2 + i = object i, "objects": [{"name", "shape",
-    "color", "size", "box" (of the visible mask, 0..1), "visible" (fraction not occluded),
-    "area" (fraction of the image), "center" (world xyz)}], "caption", "count", "camera"}.
+
+def _web_phrase(rng, ob):
+    """How alt-text names one object: "a red cube", "a cube", "something red", "an object"."""
+    color, shape = ob["color"], ob["shape"]
+    if rng.random() < WEB_WRONG:                               # a wrong colour or a wrong shape
+        if rng.random() < 0.5:
+            color = COLORS[(COLORS.index(color) + rng.integers(1, len(COLORS))) % len(COLORS)]
+        else:
+            shape = SHAPES[(SHAPES.index(shape) + rng.integers(1, len(SHAPES))) % len(SHAPES)]
+    form = WEB_FORMS[int(np.searchsorted(np.cumsum([p for _, p in WEB_FORMS]), rng.random()))][0]
+    if form == "full":
+        return _a(f"{ob['size']} {color} {shape}" if rng.random() < 0.3 else f"{color} {shape}")
+    if form == "shape":
+        return _a(shape)
+    if form == "color":
+        return [f"something {color}", _a(f"{color} object"), f"{color} thing"][rng.integers(3)]
+    return ["an object", "a thing", "a shape"][rng.integers(3)]
+
+
+def web_caption(rng, objs, discs, floor):
+    """A caption in the style of web alt-text (see WEB_MENTION above); the truth stays complete."""
+    if rng.random() < WEB_NOTHING:
+        return WEB_NOTHING_TEXT[rng.integers(len(WEB_NOTHING_TEXT))]
+    mentioned = [i for i in range(len(objs)) if rng.random() < WEB_MENTION] or [int(rng.integers(len(objs)))]
+    phrases = {i: _web_phrase(rng, objs[i]) for i in mentioned}
+    listed = [phrases[i] for i in mentioned]
+    listed = listed[0] if len(listed) == 1 else ", ".join(listed[:-1]) + " and " + listed[-1]
+    template = WEB_TEMPLATES[rng.integers(len(WEB_TEMPLATES))]
+    text = template.format(listed, floor)
+    rel = [(i, r, j) for i, r, j in relations(objs, discs) if i in phrases and j in phrases]
+    if rel and rng.random() < WEB_RELATION:
+        i, r, j = rel[rng.integers(len(rel))]
+        text = text.rstrip(".") + f", {phrases[i]} {r} {phrases[j]}"
+    return text[0].upper() + text[1:] if rng.random() < 0.5 else text
+
+
+CAPTIONS = {"web": web_caption, "full": full_caption}
+
+
+def trace(objs, discs, cam, size):
+    """Primary rays against the room (floor, back wall), then each object; the nearest hit wins.
+
+    Returns depth (N,) camera z (sky = inf), kind (N,) 0 = sky, 1 = floor, 2 = wall, 3 + i = object
+    i, the rays d (3, N) and how many pixels each object covers when seen on its own. An object is
+    only traced inside a box around its projected disc (1.3x: perspective stretches off-axis discs).
     """
-    rng = np.random.default_rng([seed, index])
-    height, pitch = rng.uniform(1.4, 1.9), math.radians(rng.uniform(12, 22))
-    light = np.array([rng.uniform(-1, 1), rng.uniform(1.2, 2.2), rng.uniform(-1, 0.3)], np.float32)
-    light /= np.linalg.norm(light)
-    floor = list(FLOORS)[rng.integers(len(FLOORS))]
-    cell, angle, shift = rng.uniform(0.5, 1.0), rng.uniform(0, math.pi / 2), rng.uniform(0, 2, 2)
-    objs, discs = sample_layout(rng, height, pitch)
-    caption = make_caption(rng, objs, discs, floor)
-
-    # Primary rays against the floor, then each object; the nearest hit so far wins. An object is
-    # only traced inside a box around its projected disc (1.3x: perspective stretches off-axis discs).
-    o = np.array([[0], [height], [0]], np.float32)            # the camera, `height` above the origin
-    d = world_rays(size, pitch)                                # (3, N), N = S * S
+    o = np.array([[0], [cam["height"]], [0]], np.float32)    # the camera, `height` above the origin
+    d = world_rays(size, cam)                                  # (3, N), N = S * S
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        depth = np.where(d[1] < 0, -height / d[1], np.inf).reshape(size, size)
-        seg = np.isfinite(depth).astype(np.uint8)             # 0 = sky, 1 = floor
-        unoccluded = []                                        # pixels of each object seen on its own
+        floor = np.where(d[1] < 0, -cam["height"] / d[1], np.inf)
+        wall = np.where(d[2] > 0, cam["wall"] / d[2], np.inf)  # the plane z = wall, facing the camera
+        wall = np.where(cam["height"] + wall * d[1] <= cam["wall_height"], wall, np.inf)
+        depth = np.minimum(floor, wall)
+        kind = np.where(np.isinf(depth), 0, np.where(wall < floor, 2, 1)).astype(np.uint8)
+        depth, kind = depth.reshape(size, size), kind.reshape(size, size)
+        unoccluded = []
         for i, (ob, (x, y, rad, _)) in enumerate(zip(objs, discs)):
             x0, x1 = (min(max(int((x + s * 1.3 * rad) * size + s), 0), size) for s in (-1, 1))
             y0, y1 = (min(max(int((y + s * 1.3 * rad) * size + s), 0), size) for s in (-1, 1))
@@ -286,40 +376,60 @@ def render_scene(seed, index, size=64):
             t = t.reshape(y1 - y0, x1 - x0)
             nearer = t < depth[y0:y1, x0:x1]
             depth[y0:y1, x0:x1][nearer] = t[nearer]
-            seg[y0:y1, x0:x1][nearer] = 2 + i
+            kind[y0:y1, x0:x1][nearer] = 3 + i
             unoccluded.append(np.isfinite(t).sum())
-        depth, seg = depth.ravel(), seg.ravel()                # (N,)
-        p = o + d * np.where(np.isinf(depth), 0, depth)        # hit points, (3, N)
+    return depth.ravel(), kind.ravel(), d, unoccluded
+
+
+def _fade(footprint, cell):
+    """Texture contrast that fades where a pixel spans a whole cell (cheap anti-aliasing)."""
+    return np.clip(1 - footprint / cell, 0, 1) ** 2
+
+
+def shade(objs, room, light, depth, kind, d, size):
+    """Colours (N, 3) of traced pixels: sky gradient, the lit floor checkerboard with object
+    shadows, the wall's brick courses, Lambert + Blinn-Phong objects, then aerial perspective."""
+    o = np.array([[0], [room["height"]], [0]], np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = o + d * np.where(np.isinf(depth), 0, depth)       # hit points, (3, N)
         dist = np.sqrt((d * d).sum(0))
+        rgb = np.empty((len(depth), 3), np.float32)
+        sky = kind == 0
+        rgb[sky] = HORIZON + np.sqrt(np.clip(d[1, sky] / dist[sky] * 3, 0, 1))[:, None] * (ZENITH - HORIZON)
 
-        # The camera does not roll, so the horizon is a row: pixels before index k see sky (or
-        # objects), pixels from k on see floor (or objects). Objects are painted over both below.
-        k = int(np.argmax(d[1] < 0))
-        rgb = np.empty((size * size, 3), np.float32)
-        rgb[:k] = HORIZON + np.sqrt(np.clip(d[1, :k] / dist[:k] * 3, 0, 1))[:, None] * (ZENITH - HORIZON)
-
-        # Floor: a rotated checkerboard whose contrast fades where a pixel spans a whole cell
-        # (cheap anti-aliasing), lit by `light` and darkened where an object blocks it.
-        pf, floor_px = p[:, k:], seg[k:] == 1
-        ca, sa = math.cos(angle) / cell, math.sin(angle) / cell
-        check = np.floor(ca * pf[0] + sa * pf[2] + shift[0]) + np.floor(ca * pf[2] - sa * pf[0] + shift[1])
-        contrast = np.clip(1 - depth[k:] * dist[k:] / (-d[1, k:] * FOCAL * size * cell), 0, 1) ** 2
-        tone0, tone1 = (np.array(c, np.float32) for c in FLOORS[floor])
-        albedo = (tone0 + tone1) / 2 + ((check % 2 - 0.5) * contrast)[:, None] * (tone1 - tone0)
-        lit = np.ones_like(check)
+        # Floor: a rotated checkerboard, lit by `light` and darkened where an object blocks it.
+        fl = np.flatnonzero(kind == 1)
+        pf = p[:, fl]
+        ca, sa = math.cos(room["angle"]) / room["cell"], math.sin(room["angle"]) / room["cell"]
+        check = np.floor(ca * pf[0] + sa * pf[2] + room["shift"][0]) + np.floor(ca * pf[2] - sa * pf[0] + room["shift"][1])
+        footprint = depth[fl] * dist[fl] / (-d[1, fl] * FOCAL * size)  # floor units per pixel
+        tone0, tone1 = (np.array(c, np.float32) for c in FLOORS[room["floor"]])
+        albedo = (tone0 + tone1) / 2 + ((check % 2 - 0.5) * _fade(footprint, room["cell"]))[:, None] * (tone1 - tone0)
+        lit = np.ones(len(fl), np.float32)
         for ob in objs:
             # A floor point P is in shadow if P + s * light hits the object. At the height of the
             # centre that ray is within bound / light_y of it: a cheap test before the exact one.
             up = ob["center"][1] / light[1]
             qx, qz = pf[0] + up * light[0] - ob["center"][0], pf[2] + up * light[2] - ob["center"][2]
-            near = np.flatnonzero(floor_px & (qx * qx + qz * qz <= (ob["bound"] / light[1]) ** 2))
+            near = np.flatnonzero(qx * qx + qz * qz <= (ob["bound"] / light[1]) ** 2)
             hit = HIT[ob["shape"]](ob, pf[:, near], light[:, None])       # one direction for all
             lit[near[np.isfinite(hit)]] = 0
-        rgb[k:] = albedo * (0.45 + 0.55 * light[1] * lit)[:, None]
+        rgb[fl] = albedo * (0.45 + 0.55 * light[1] * lit)[:, None]
+
+        # Wall: brick courses half a floor cell high, every other course shifted by half a brick
+        # (a texture gradient: one more cue to its distance), lit from the front.
+        wl = np.flatnonzero(kind == 2)
+        b = room["cell"] / 2
+        course = np.floor(p[1, wl] / b)
+        brick = np.floor(p[0, wl] / (2 * b) + 0.5 * (course % 2))
+        tone0, tone1 = (np.array(c, np.float32) for c in WALLS[room["wall_tone"]])
+        footprint = depth[wl] / (FOCAL * size)
+        albedo = (tone0 + tone1) / 2 + (((course + brick) % 2 - 0.5) * _fade(footprint, b))[:, None] * (tone1 - tone0)
+        rgb[wl] = albedo * (0.45 + 0.55 * max(-float(light[2]), 0.0))
 
         # Objects: Lambert + ambient, and a small Blinn-Phong highlight for a sense of material.
         for i, ob in enumerate(objs):
-            px = np.flatnonzero(seg == i + 2)
+            px = np.flatnonzero(kind == i + 3)
             n = normals(ob, p[:, px])
             half = light[:, None] - d[:, px] / dist[px]
             spec = np.clip((n * half).sum(0) / np.sqrt((half * half).sum(0)), 0, 1) ** 24
@@ -328,10 +438,12 @@ def render_scene(seed, index, size=64):
 
         # Aerial perspective: far things fade towards the horizon (a depth cue; it also hides aliasing).
         rgb += (1 - np.exp(np.where(np.isinf(depth), 0, depth) / -30))[:, None] * (HORIZON - rgb)
+    return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(size, size, 3)
 
-    image = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8).reshape(size, size, 3)
-    seg = seg.reshape(size, size)
-    objects = []
+
+def describe(objs, discs, seg, unoccluded):
+    """The truth of each object as render_scene reports it (visible box, visibility, area)."""
+    size, objects = seg.shape[0], []
     for i, (ob, (x, y, rad, _)) in enumerate(zip(objs, discs)):
         m = seg == i + 2
         rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
@@ -343,9 +455,33 @@ def render_scene(seed, index, size=64):
             "box": [round(float(b), 6) for b in box],
             "visible": round(float(m.sum() / max(unoccluded[i], 1)), 4),
             "area": round(float(m.mean()), 6), "center": [round(c, 4) for c in ob["center"]]})
-    return {"image": image, "depth": depth.reshape(size, size), "seg": seg, "objects": objects,
-            "caption": caption, "count": len(objects),
-            "camera": {"height": height, "pitch": pitch, "fov": FOV}}
+    return objects
+
+
+def render_scene(seed, index, size=64, captions="web"):
+    """Render scene `index` of the toy world with seed `seed` at size x size pixels.
+
+    Returns {"image": uint8 (S, S, 3), "depth": float32 (S, S) metric camera z, sky = inf,
+    "seg": uint8 (S, S) 0 = sky, 1 = the room (floor or wall), 2 + i = object i, "objects":
+    [{"name", "shape", "color", "size", "box" (of the visible mask, 0..1), "visible" (fraction
+    not occluded), "area" (fraction of the image), "center" (world xyz)}], "caption", "count",
+    "camera"}. `captions` is "web" (alt-text that leaves things out) or "full" (names everything);
+    the caption has its own random stream, so both styles describe the very same image.
+    """
+    rng = np.random.default_rng([seed, index])
+    cam = sample_camera(rng)
+    light = np.array([rng.uniform(-1, 1), rng.uniform(1.2, 2.2), rng.uniform(-1, 0.3)], np.float32)
+    light /= np.linalg.norm(light)
+    room = cam | {"floor": list(FLOORS)[rng.integers(len(FLOORS))], "wall_tone": int(rng.integers(len(WALLS))),
+                  "cell": rng.uniform(0.5, 1.0), "angle": rng.uniform(0, math.pi / 2), "shift": rng.uniform(0, 2, 2)}
+    objs, discs = sample_layout(rng, cam)
+    caption = CAPTIONS[captions](np.random.default_rng([seed, index, 1]), objs, discs, room["floor"])
+    depth, kind, d, unoccluded = trace(objs, discs, cam, size)
+    image = shade(objs, room, light, depth, kind, d, size)
+    seg = np.where(kind >= 3, kind - 1, np.minimum(kind, 1)).astype(np.uint8).reshape(size, size)
+    return {"image": image, "depth": depth.reshape(size, size), "seg": seg,
+            "objects": describe(objs, discs, seg, unoccluded), "caption": caption, "count": len(objs),
+            "camera": cam}
 
 
 # -----------------------------------------------------------------------------
@@ -863,7 +999,7 @@ def collate(samples, tokenize):
 # -----------------------------------------------------------------------------
 # Command line: write toy-world shards, or preview a shard
 
-def generate(out, n, val_n=0, size=64, seed=0, shard_size=1000):
+def generate(out, n, val_n=0, size=64, seed=0, shard_size=1000, captions="web"):
     """Render n train and val_n validation scenes into DIR/{train,val}-NNNNNN.tar; returns paths."""
     from tqdm import tqdm
     os.makedirs(out, exist_ok=True)
@@ -873,7 +1009,7 @@ def generate(out, n, val_n=0, size=64, seed=0, shard_size=1000):
             for shard, start in enumerate(range(0, count, shard_size)):
                 def samples(start=start, offset=offset, count=count):
                     for i in range(start + offset, min(start + shard_size, count) + offset):
-                        yield f"{i - offset:09d}", scene_members(render_scene(seed, i, size), seed, i)
+                        yield f"{i - offset:09d}", scene_members(render_scene(seed, i, size, captions), seed, i)
                         bar.update()
                 paths.append(os.path.join(out, f"{split}-{shard:06d}.tar"))
                 write_shard(paths[-1], samples())
@@ -963,6 +1099,9 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=64, help="image size in pixels, at least 32")
     p.add_argument("--seed", type=int, default=0, help="world seed: scene i is render_scene(seed, i)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--captions", choices=tuple(CAPTIONS), default="web",
+                   help="web: alt-text that mentions some objects, often without or with wrong attributes; "
+                        "full: every object's colour and shape (an ablation: text that says everything)")
     p.add_argument("--preview", metavar="SHARD", help="draw the first 8 samples of this shard ...")
     p.add_argument("--png", help="... into this PNG file")
     args = p.parse_args(argv)
@@ -980,13 +1119,13 @@ def main(argv=None):
                              ("--shard-size", args.shard_size, 1)):
         if value < low:
             _die(f"{flag} must be at least {low}, not {value}")
-    paths = generate(args.out, args.n, args.val_n, args.size, args.seed, args.shard_size)
+    paths = generate(args.out, args.n, args.val_n, args.size, args.seed, args.shard_size, args.captions)
     for split, count in (("train", args.n), ("val", args.val_n)):
         mine = [q for q in paths if os.path.basename(q).startswith(split)]
         if mine:
             mb = sum(os.path.getsize(q) for q in mine) / 2 ** 20
             last = f" ... {os.path.basename(mine[-1])}" if len(mine) > 1 else ""
-            print(f"wrote {count} {split} scenes ({args.size} px, seed {args.seed}) to {mine[0]}{last} "
+            print(f"wrote {count} {split} scenes ({args.size} px, seed {args.seed}, {args.captions} captions) to {mine[0]}{last} "
                   f"({len(mine)} shard(s), {mb:.1f} MB)")
 
 

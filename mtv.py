@@ -85,7 +85,7 @@ PRESETS = {
     # The toy world: 64 px scenes, 8x8 patches, a 3M-parameter ViT that trains on a CPU.
     "tiny": MTVConfig(
         ViTConfig(64, 8, 192, 6, 3, 768),
-        # hashed words: the toy world's captions have 49 distinct words, at most 50 tokens (median 28)
+        # hashed words: the toy world's web and full captions have 62 distinct words, at most 42 tokens
         TextConfig(2048, 64, 192, 4, 3, 768, tokenizer="words"),
         HeadConfig(512, 128, 1024, 512, 32, 2),
     ),
@@ -175,7 +175,7 @@ class WordTokenizer(ByteTokenizer):
     No vocabulary file either, and one token per word instead of one per byte: captions become
     several times shorter and the text tower need not learn to spell, which is what lets the toy
     world's CLIP objective learn within a few hundred CPU steps. Distinct words may share an id
-    once the vocabulary is large compared with vocab_size (feature hashing); the toy world's 49
+    once the vocabulary is large compared with vocab_size (feature hashing); the toy world's 62
     words are all distinct at the tiny preset's 2048 (a test checks it)."""
 
     name_length = 8

@@ -74,6 +74,7 @@ class TrainConfig:
     val_every: int = 0  # 0 = at checkpoints
     val_batches: int = 4
     toy_n: int = 8000  # toy-world scenes generated when --data is not given
+    captions: str = "web"  # the toy world's caption style: web alt-text or full
     device: str = ""  # "" = cuda if available, else cpu
     compile: bool = False
     precision: str = "auto"  # see mtv.autocast
@@ -96,6 +97,8 @@ def parse_args(argv):
         "teacher_temp": "final DINO/iBOT teacher temperature, warmed up from 0.04",
         "resume": "'latest' continues OUT/checkpoint.pt; or a checkpoint path",
         "toy_n": "number of toy-world training scenes made when --data is empty",
+        "captions": "caption style of the toy world made when --data is empty: web (alt-text that leaves "
+                    "objects and attributes out, the default) or full (names every object's colour and shape)",
         "deterministic": "deterministic kernels (CPU: bit-identical resume)",
         "compile": "torch.compile the model (minutes of compilation first, then faster steps)",
         "precision": "auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = bf16 autocast on any device (on a "
@@ -131,6 +134,8 @@ def parse_args(argv):
             p.add_argument(name, action="store_true", help=helps.get(f))
         elif f == "precision":
             p.add_argument(name, choices=mtv.PRECISIONS, default=default, help=helps[f])
+        elif f == "captions":
+            p.add_argument(name, choices=tuple(data.CAPTIONS), default=default, help=helps[f])
         else:
             p.add_argument(name, type=type(default), default=default, help=helps.get(f))
     return TrainConfig(**vars(p.parse_args(argv)))
@@ -247,12 +252,13 @@ def lr_at(step, cfg, total):
 def toy_data(cfg, size, rank):
     """Generate and pseudo-label the toy world once; later runs with the same size reuse it. The
     scenes do not depend on --seed: seeds vary the model and the augmentations, not the data."""
-    root = os.path.join("runs", "toy-data", f"n{cfg.toy_n}-px{size}")
+    root = os.path.join("runs", "toy-data", f"{data.WORLD}-{cfg.captions}-n{cfg.toy_n}-px{size}")
     labelled = os.path.join(root, "labelled")
     if rank == 0 and not os.path.exists(os.path.join(labelled, "summary.json")):
         print0(f"generating the toy world in {root} (simulated experts label it)")
         data.main(["--out", os.path.join(root, "raw"), "--n", str(cfg.toy_n), "--val-n", "512",
-                   "--size", str(size), "--seed", "0"])
+                   "--size", str(size), "--seed", "0",
+                   "--captions", cfg.captions])
         import pseudolabel  # only needed here; pseudolabel.py sits after train.py's inputs
 
         pseudolabel.main(["--shards", os.path.join(root, "raw", "*.tar"), "--out", labelled,

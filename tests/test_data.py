@@ -15,13 +15,21 @@ from PIL import Image
 import data
 
 
-def floor_depth(camera, size):
-    """Depth (camera z) at which each pixel's ray meets the floor, computed from the camera alone."""
+def room_depth(camera, size):
+    """Depth (camera z) at which each pixel's ray meets the floor or the back wall, computed from
+    the camera alone: rays through pixel centres, rolled, then pitched down."""
     focal = 0.5 / math.tan(camera["fov"] / 2)
-    v = ((np.arange(size) + 0.5) / size - 0.5)[:, None]          # rows, downwards
-    dy = -v / focal * math.cos(camera["pitch"]) - math.sin(camera["pitch"])  # world y of a z = 1 ray
-    with np.errstate(divide="ignore"):
-        return np.broadcast_to(np.where(dy < 0, -camera["height"] / dy, np.inf), (size, size))
+    c = ((np.arange(size) + 0.5) / size - 0.5) / focal
+    u, v = np.meshgrid(c, -c)                                     # camera x right, y up, z = 1
+    cr, sr = math.cos(camera["roll"]), math.sin(camera["roll"])
+    x, y = u * cr - v * sr, u * sr + v * cr
+    cp, sp = math.cos(camera["pitch"]), math.sin(camera["pitch"])
+    dy, dz = y * cp - sp, y * sp + cp                             # world up and ahead of a z = 1 ray
+    with np.errstate(divide="ignore", invalid="ignore"):
+        floor = np.where(dy < 0, -camera["height"] / dy, np.inf)
+        wall = np.where(dz > 0, camera["wall"] / dz, np.inf)
+        wall = np.where(camera["height"] + wall * dy <= camera["wall_height"], wall, np.inf)
+    return np.minimum(floor, wall)
 
 
 def test_render_is_deterministic_and_resolution_independent():
@@ -44,7 +52,7 @@ def test_render_is_deterministic_and_resolution_independent():
 def test_depth_is_consistent_with_occlusion(size):
     for index in range(12):
         s = data.render_scene(7, index, size)
-        floor, depth, seg = floor_depth(s["camera"], size), s["depth"], s["seg"]
+        floor, depth, seg = room_depth(s["camera"], size), s["depth"], s["seg"]
         np.testing.assert_allclose(depth[seg == 1], floor[seg == 1], rtol=1e-4)
         assert np.isinf(depth[seg == 0]).all() and np.isinf(floor[seg == 0]).all()
         objects = seg >= 2
@@ -60,7 +68,7 @@ def test_depth_is_consistent_with_occlusion(size):
 def test_layout_keeps_objects_visible_and_captions_name_them():
     counts = set()
     for index in range(150):
-        s = data.render_scene(1, index)
+        s = data.render_scene(1, index, captions="full")
         counts.add(s["count"])
         assert s["count"] == len(s["objects"])
         assert len({o["name"] for o in s["objects"]}) == s["count"]          # names are unique
@@ -68,7 +76,7 @@ def test_layout_keeps_objects_visible_and_captions_name_them():
             assert o["name"] == f"{o['color']} {o['shape']}" and o["name"] in s["caption"]
             assert o["shape"] in data.SHAPES and o["color"] in data.COLORS and o["size"] in data.SIZES
             assert o["visible"] >= 0.4 and (s["seg"] == 2 + i).sum() >= 12  # never (nearly) hidden
-    assert counts == {1, 2, 3, 4}
+    assert {1, 2} <= counts <= {1, 2, 3}
 
 
 def test_depth_png_round_trip():

@@ -80,10 +80,11 @@ def test_word_tokenizer(cfg):
     assert ids[2, -1] == 1 and (ids[2, :-1] == ids[2, 0]).all()  # truncated: still ends in eos
     words = set()
     for i in range(300):
-        words |= set(tok.pattern.findall(data.render_scene(0, i, 8)["caption"].lower()))
+        for captions in data.CAPTIONS:
+            words |= set(tok.pattern.findall(data.render_scene(0, i, 8, captions)["caption"].lower()))
     for t in evaluate.TOY_TEMPLATES:
         words |= set(tok.pattern.findall(t.format(" ".join(data.COLORS + data.SHAPES)).lower()))
-    assert len(words) >= 45 and len({tok.encode(w)[0] for w in words}) == len(words)
+    assert len(words) >= 60 and len({tok.encode(w)[0] for w in words}) == len(words)
     names = data.collate([{"caption": "a red cube", "boxes": torch.zeros(1, 4), "names": ["red cube"]}], tok)
     assert names["name_tokens"].shape == (1, tok.name_length) and tok.name_length < cfg.text.context_length
 
