@@ -45,6 +45,9 @@ demo: $(VENV)/.installed
 #                                                        the wider tiny preset at its own recipe (README
 #                                                        sweep): an estimated 3.8 h in 2 lanes
 #   make ablate ABLATE=runs/data-2k TOY_N=2000           data scaling (number of training scenes)
+#   make ablate ABLATE=runs/ablate-full CAPTIONS=full    captions that name everything (the paper's
+#                                                        premise: CLIP lacks what web captions omit)
+#   make ablate PRECISION=bf16                           bf16 autocast on the CPU (AVX512-BF16)
 #   make ablate ABLATE=runs/model-s16 MODEL=S/16 SIZE=64 model scaling
 ROWS   ?= clip clip,ssl clip,ssl,ground clip,ssl,depth,ground
 SEEDS  ?= 0 1 2
@@ -57,6 +60,7 @@ BATCH  ?= 32
 NLOCAL ?= 2
 TOY_N  ?= 8000
 CAPTIONS ?= web
+PRECISION ?= auto
 EVAL_N ?= 2000
 LANES  ?= $(shell nproc)
 INIT_ROW ?= $(lastword $(ROWS))
@@ -88,7 +92,7 @@ $(ABLATE)/%/eval/results.json: $(TOYDATA)/labelled/summary.json
 	@mkdir -p $(ABLATE)/$* && echo "start $* (log: $(ABLATE)/$*/log.txt)"
 	@$(ONE) train.py --tasks $(call run_tasks,$*) --seed $(call run_seed,$*) --model $(MODEL) \
 		--image-size $(SIZE) --steps $(STEPS) --lr $(LR) --batch-size $(BATCH) --n-local $(NLOCAL) \
-		--toy-n $(TOY_N) --captions $(CAPTIONS) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
+		--toy-n $(TOY_N) --captions $(CAPTIONS) --precision $(PRECISION) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
 		> $(ABLATE)/$*/log.txt 2>&1 || { tail -3 $(ABLATE)/$*/log.txt; exit 1; }
 	@$(ONE) evaluate.py $(ABLATE)/$*/checkpoint.pt --n $(EVAL_N) > $(ABLATE)/$*/eval.log 2>&1 \
 		|| { tail -3 $(ABLATE)/$*/eval.log; exit 1; }
