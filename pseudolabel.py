@@ -1,12 +1,17 @@
 """Expert pseudo-labels for image-caption shards: `python pseudolabel.py --shards GLOB --out DIR ...`.
 
 MTV's dense objectives learn from labels nobody drew: Depth Anything V2 gives relative depth and
-OWLv2 gives boxes for the entities of each image (the paper tags images with RAM++; we take noun
-phrases from the caption). For every shard in GLOB this writes DIR/<same file name> holding every
-original member plus
+OWLv2 gives boxes for the entities of each image. The paper takes those entity names from an image
+tagger (RAM++), so grounding names what the caption leaves out. The toy world does the same with a
+simulated tagger (`--tagger simulated`, the default there: the names of the objects present, from
+the scene truth, with a real tagger's misses, confusions and hallucinations); on real data, where
+no tagger is run, the names are the caption's noun phrases (a small chunker) or the entries of a
+`--vocab` file the caption mentions (`--tagger caption`). For every shard in GLOB this writes
+DIR/<same file name> holding every original member plus
 
     KEY.depth.png    16-bit PNG of relative inverse depth (larger = nearer), 0 = no label
-    KEY.ground.json  {"entities": [{"name", "box": [x0, y0, x1, y1] in 0..1, "score"}], "expert"}
+    KEY.ground.json  {"entities": [{"name", "box": [x0, y0, x1, y1] in 0..1, "score"}], "expert",
+                      "tagger": "simulated" | "caption" | "vocab" (where the names came from)}
 
 An expert is a hub name or a local folder loaded with transformers, `simulated` (the toy world:
 labels made from the scene truth with the failure modes of real experts, scaled by --noise), or
@@ -21,7 +26,8 @@ labels made from the scene truth with the failure modes of real experts, scaled 
 Under torchrun, rank r labels shards[r::world]. Each shard is written under a temporary name and
 renamed when complete, so a crash never leaves a partial shard and a rerun skips finished ones.
 Per-shard statistics (DIR/.stats/SHARD.json) are merged into DIR/summary.json at the end; on the
-toy world the summary also scores the labels against the truth, before and after filtering.
+toy world the summary also scores the labels against the truth, before and after filtering, and
+the tags (precision and recall of the names the tagger gave).
 """
 
 import argparse
@@ -32,6 +38,7 @@ import math
 import os
 import re
 import sys
+import tarfile
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -68,6 +75,7 @@ class LabelConfig:
     max_boxes: int = 20  # per image, best scores first
     min_box_size: float = 0.02  # boxes narrower or lower than this fraction of the image are dropped
     vocab: str = ""  # file with one entity name per line, replacing the caption noun phrases
+    tagger: str = "auto"  # where entity names come from: auto, caption (chunker or vocab), simulated
     seed: int = 0  # simulated experts only
 
 
@@ -80,7 +88,10 @@ def fail(msg):
 # -----------------------------------------------------------------------------------------------
 # Entities: which names OWLv2 is asked to find in an image.
 #
-# A small rule-based noun-phrase chunker stands in for the paper's RAM++ tagger. The caption is
+# The paper asks an image tagger (RAM++) for them. The toy world uses SimulatedTagger (below, with
+# the simulated experts: names from the scene truth, spoilt as a tagger spoils them); on real data
+# (--tagger caption, the real path) a small rule-based noun-phrase chunker takes them from the
+# caption instead, or a --vocab file's entries the caption mentions. The caption is
 # lowercased and cut at punctuation, digits and every boundary word: articles, determiners,
 # numbers, pronouns, prepositions and spatial relations, conjunctions, common verbs, and words in
 # -ing (participles: "a dog playing"; the few -ing nouns are kept). Each run of words left between
@@ -158,6 +169,19 @@ def read_vocab(path):
     if not vocab:
         fail(f"--vocab {path!r} holds no entity names (one per line)")
     return vocab
+
+
+class CaptionTagger:
+    """The real path's tagger: the caption's noun phrases, or the --vocab entries it mentions."""
+
+    needs = None
+
+    def __init__(self, vocab=None):
+        self.vocab = vocab
+        self.name = "caption" if vocab is None else "vocab"
+
+    def __call__(self, samples):
+        return [extract_entities(s["caption"], self.vocab) for s in samples]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -413,6 +437,44 @@ class SimulatedGround:
         return " ".join(wrong if w == o[key] else w for w in name.split())
 
 
+class SimulatedTagger:
+    """RAM++'s failure modes on the scene truth: the tags of an image, rates at noise 1 below.
+
+    A tag is an object name, "colour shape". Each object present is tagged with its name, missed
+    with probability MISS, or tagged with a wrong colour or shape with probability CONFUSE (as
+    SimulatedGround confuses names); then a Poisson(FALSE) number of names of toy objects that
+    are not present are added. The rates at noise 1 are guesses at a good tagger on clean,
+    uncluttered images, not measurements: MISS 0.15 stands for its ~85 % recall (small, occluded
+    or unusual objects go unnamed), CONFUSE 0.1 for fine-grained attribute errors (a colour or a
+    shape word wrong), FALSE 0.2 for about one hallucinated tag every five images (a thing often
+    seen with what is there). Tags are sorted by name, so their order is fixed and, as a tagger's
+    output, says nothing about which object a tag came from; no name appears twice.
+    """
+
+    name, needs = "simulated", "gt"
+    MISS, CONFUSE, FALSE = 0.15, 0.1, 0.2  # rates at noise 1
+    NAMES = tuple(f"{c} {s}" for c in data.COLORS for s in data.SHAPES)  # every toy object name
+
+    def __init__(self, noise, seed):
+        self.noise, self.seed = noise, seed
+
+    def __call__(self, samples):
+        return [self.one(s["gt"], key_rng(self.seed, s["key"], 2)) for s in samples]
+
+    def one(self, gt, rng):
+        n = self.noise
+        tags = set()
+        for o in gt["objects"]:
+            if rng.random() < self.MISS * n:
+                continue
+            tags.add(o["name"] if rng.random() >= self.CONFUSE * n else SimulatedGround.confuse(o["name"], o, rng))
+        present = {o["name"] for o in gt["objects"]}
+        absent = [name for name in self.NAMES if name not in present and name not in tags]
+        k = min(rng.poisson(self.FALSE * n), len(absent))
+        tags.update(absent[i] for i in rng.choice(len(absent), k, replace=False))
+        return sorted(tags)
+
+
 def load_expert(kind, name, cfg, device):
     """`none` -> None, `simulated` -> a simulated expert, anything else -> a transformers model."""
     if name == "none":
@@ -450,14 +512,17 @@ def new_counts():
         "images": 0, "bad": 0, "seconds": 0.0,
         "depth": {"maps": 0, "valid_fraction": 0.0, "raw_min": 0.0, "raw_max": 0.0, "hist": [0] * BINS},
         "boxes": {"images": 0, "raw": 0, "kept": 0, "hist_raw": [0] * BINS, "hist_kept": [0] * BINS},
+        # Tags are scored on the box images (same count, same true objects): "tags" given,
+        # "tags_right" of them naming an object present, "objects_tagged" true objects named by a tag.
         "truth": {"depth_maps": 0, "absrel": 0.0, "delta1": 0.0,
-                  "box_images": 0, "true": 0, "pred_raw": 0, "pred_kept": 0, "tp_raw": 0, "tp_kept": 0},
+                  "box_images": 0, "true": 0, "pred_raw": 0, "pred_kept": 0, "tp_raw": 0, "tp_kept": 0,
+                  "tags": 0, "tags_right": 0, "objects_tagged": 0},
     }
 
 
 def add(a, b):
-    if isinstance(a, dict):
-        return {k: add(a[k], b[k]) for k in a}
+    if isinstance(a, dict):  # a statistic that b (an older statistics file) lacks counts as zero
+        return {k: add(a[k], b[k]) if k in b else a[k] for k in a}
     if isinstance(a, list):
         return [x + y for x, y in zip(a, b)]
     return a + b
@@ -467,13 +532,17 @@ def histogram(values):
     return np.histogram(np.asarray(values, dtype=np.float64), bins=BINS, range=(0.0, 1.0))[0].tolist()
 
 
-def label_batch(batch, experts, vocab, cfg, counts):
-    """Run the experts on a batch of (members, sample) and yield the labelled (key, members)."""
+def label_batch(batch, experts, cfg, counts):
+    """Run the experts on a batch of (members, sample) and yield the labelled (key, members).
+
+    experts: {"depth", "ground", "tagger"}, each None or callable; the tagger (simulated, or the
+    caption's noun phrases) gives the names the grounding expert is asked to find.
+    """
     samples = [s for _, s in batch]
     depths = experts["depth"](samples) if experts["depth"] else [None] * len(samples)
-    queries = [extract_entities(s["caption"], vocab) for s in samples]
+    queries = experts["tagger"](samples) if experts["ground"] else [None] * len(samples)
     dets = experts["ground"](samples, queries) if experts["ground"] else [None] * len(samples)
-    for (members, s), inv, det in zip(batch, depths, dets):
+    for (members, s), inv, det, tags in zip(batch, depths, dets, queries):
         out = dict(members)
         if inv is not None:
             out["depth.png"] = png = data.encode_depth_png(inv)
@@ -495,7 +564,8 @@ def label_batch(batch, experts, vocab, cfg, counts):
             kept = filter_boxes(det, cfg)
             entities = [{"name": n, "box": [round(v, 4) for v in b.tolist()], "score": round(float(p), 4)}
                         for n, b, p in zip(kept["names"], kept["boxes"], kept["scores"])]
-            out["ground.json"] = json.dumps({"entities": entities, "expert": experts["ground"].name}).encode()
+            out["ground.json"] = json.dumps({"entities": entities, "expert": experts["ground"].name,
+                                             "tagger": experts["tagger"].name}).encode()
             b = counts["boxes"]
             b["images"] += 1
             b["raw"] += len(det["names"])
@@ -510,6 +580,9 @@ def label_batch(batch, experts, vocab, cfg, counts):
                 t["pred_kept"] += len(kept["names"])
                 t["tp_raw"] += true_positives(det, truth)
                 t["tp_kept"] += true_positives(kept, truth)
+                t["tags"] += len(tags)
+                t["tags_right"] += sum(any(tag in names for names in truth["names"]) for tag in tags)
+                t["objects_tagged"] += sum(any(tag in names for tag in tags) for names in truth["names"])
         counts["images"] += 1
         yield s["key"], out
 
@@ -520,7 +593,7 @@ def chunks(items, n):
         yield batch
 
 
-def label_shard(src, dst, experts, vocab, cfg, progress):
+def label_shard(src, dst, experts, cfg, progress):
     """Label every good sample of shard `src` into `dst` (atomically); return the shard's counts."""
     counts, start = new_counts(), time.time()
 
@@ -528,9 +601,9 @@ def label_shard(src, dst, experts, vocab, cfg, progress):
         for key, members in data.iter_tar(src):
             try:
                 sample = data.decode_sample(key, members)
-                for expert in experts.values():
+                for kind, expert in experts.items():
                     if expert is not None and expert.needs and expert.needs not in sample:
-                        raise data.BadSample(f"no {expert.needs} truth for the simulated expert")
+                        raise data.BadSample(f"no {expert.needs} truth for the simulated {kind} expert")
             except data.BadSample as e:
                 tqdm.write(f"warning: skipping bad sample {key} in {src}: {e}", file=sys.stderr)
                 counts["bad"] += 1
@@ -540,7 +613,7 @@ def label_shard(src, dst, experts, vocab, cfg, progress):
 
     def labelled():
         for batch in chunks(good_samples(), cfg.batch_size):
-            yield from label_batch(batch, experts, vocab, cfg, counts)
+            yield from label_batch(batch, experts, cfg, counts)
             progress(len(batch))
 
     data.write_shard(dst, labelled())
@@ -560,13 +633,13 @@ def write_json(path, obj):
 
 
 def summarise(stats_files):
-    total, experts = new_counts(), {"depth": set(), "ground": set()}
+    total, experts = new_counts(), {"depth": set(), "ground": set(), "tagger": set()}
     for path in stats_files:
         with open(path) as f:
             st = json.load(f)
         total = add(total, st["counts"])
         for kind, name in st["experts"].items():
-            experts[kind].add(name)
+            experts.setdefault(kind, set()).add(name)
     d, b, t = total["depth"], total["boxes"], total["truth"]
     ratio = lambda x, y: x / y if y else None  # noqa: E731
     summary = {
@@ -592,6 +665,11 @@ def summarise(stats_files):
             when: {"precision": ratio(t[f"tp_{k}"], t[f"pred_{k}"]), "recall": ratio(t[f"tp_{k}"], t["true"]),
                    "per_image": t[f"pred_{k}"] / t["box_images"]}
             for when, k in (("before_filtering", "raw"), ("after_filtering", "kept"))}}
+        # The names the grounding expert was asked for, against the objects present: a tag is right
+        # when it names one ("red cube" or "small red cube"), an object is found when a tag names it.
+        quality["tags"] = {"images": t["box_images"], "true_objects": t["true"], "tagger": sorted(experts["tagger"]),
+                           "per_image": t["tags"] / t["box_images"], "precision": ratio(t["tags_right"], t["tags"]),
+                           "recall": ratio(t["objects_tagged"], t["true"])}
     if quality:
         summary["label_quality"] = quality
     return summary
@@ -600,10 +678,15 @@ def summarise(stats_files):
 def print_summary(s):
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     e = s["experts"]
+    tagger = f", tagger={','.join(e['tagger'])}" if e.get("tagger") else ""
     print(f"labelled {s['images']} images in {s['shards']} shards ({s['bad_samples']} bad samples skipped), "
           f"{fmt(s['seconds_per_image'])} s per image per process; experts: depth={','.join(e['depth']) or 'none'}, "
-          f"ground={','.join(e['ground']) or 'none'}")
+          f"ground={','.join(e['ground']) or 'none'}{tagger}")
     q = s.get("label_quality", {})
+    if "tags" in q:
+        g = q["tags"]
+        print(f"tag quality vs truth ({g['images']} images, tagger {','.join(g['tagger']) or '-'}): "
+              f"{fmt(g['per_image'])} tags per image, precision {fmt(g['precision'])}, recall {fmt(g['recall'])}")
     if "boxes" in q:
         b, a = q["boxes"]["before_filtering"], q["boxes"]["after_filtering"]
         print(f"box quality vs truth ({q['boxes']['images']} images)   before filtering   after filtering")
@@ -640,6 +723,9 @@ def check_expert_name(flag, name):
          f"owner/name; {hint}e.g. depth-anything/Depth-Anything-V2-Small-hf")
 
 
+TAGGERS = ("auto", "caption", "simulated")
+
+
 def parse_args(argv):
     d = LabelConfig("", "", "", "")
     p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -664,6 +750,12 @@ def parse_args(argv):
     p.add_argument("--min-box-size", type=float, default=d.min_box_size,
                    help="drop boxes narrower or lower than this fraction of the image side")
     p.add_argument("--vocab", default=d.vocab, help="file of entity names, one per line, replacing caption noun phrases")
+    p.add_argument("--tagger", choices=TAGGERS, default=d.tagger,
+                   help="where the names the grounding expert is asked to find come from: simulated = a simulated "
+                        "image tagger (the paper's RAM++) naming the toy world's objects from its truth (gt.json), "
+                        "with misses, confusions and hallucinations scaled by --noise; caption = the caption's noun "
+                        "phrases, or the --vocab entries it mentions (the real path); auto = simulated with "
+                        "--ground-expert simulated and no --vocab, else caption")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the simulated experts")
     cfg = LabelConfig(**{k: ("" if v is None else v) for k, v in vars(p.parse_args(argv)).items()})
     for flag, ok, valid in (("--batch-size", cfg.batch_size >= 1, "at least 1"),
@@ -678,7 +770,26 @@ def parse_args(argv):
         check_expert_name(flag, name)
     if cfg.depth_expert == "none" and cfg.ground_expert == "none":
         fail("--depth-expert and --ground-expert are both 'none', so there is nothing to label")
+    if cfg.tagger == "simulated" and cfg.vocab:
+        fail("--tagger simulated takes its names from the scene truth and --vocab from the caption; "
+             "give one of them (--tagger caption uses --vocab)")
     return cfg
+
+
+def resolve_tagger(cfg):
+    """'simulated' or 'caption': what --tagger auto means for these experts."""
+    if cfg.tagger != "auto":
+        return cfg.tagger
+    return "simulated" if cfg.ground_expert == "simulated" and not cfg.vocab else "caption"
+
+
+def has_member(path, ext):
+    """Whether shard `path` holds a member `KEY.ext`, from its tar headers (stops at the first)."""
+    try:
+        with tarfile.open(path) as tar:
+            return any(m.isfile() and data._split_name(m.name)[1] == ext for m in tar)
+    except (OSError, tarfile.TarError):
+        return True  # an unreadable shard is left to the labelling, which reports its samples
 
 
 def setup_ranks(device_flag):
@@ -707,12 +818,24 @@ def main(argv=None):
     if any(os.path.dirname(os.path.abspath(s)) == out_dir for s in shards):
         fail(f"--out {cfg.out!r} is the shards' own folder; the labelled shards need another one")
     vocab = read_vocab(cfg.vocab) if cfg.vocab else None
+    tagger = resolve_tagger(cfg)
+    if tagger == "simulated" and cfg.ground_expert != "none":
+        lacking = next((s for s in shards if not has_member(s, "gt.json")), None)
+        if lacking is not None:
+            who, fix = (("--tagger simulated names", "--tagger caption") if cfg.tagger == "simulated" else
+                        ("--ground-expert simulated and its tagger (--tagger auto) name", "real experts"))
+            fail(f"{who} the objects of the toy world's truth, which {lacking} lacks (no gt.json member); "
+                 f"on real shards use {fix}")
     inside = dist.is_initialized()  # called from a distributed program, not launched by torchrun
     rank, world, device = setup_ranks(cfg.device)
     cfg.device = str(device)
     own_group = dist.is_initialized() and not inside
     experts = {kind: load_expert(kind, name, cfg, device)
                for kind, name in (("depth", cfg.depth_expert), ("ground", cfg.ground_expert))}
+    if experts["ground"] is not None:  # the tagger names what the grounding expert looks for
+        experts["tagger"] = SimulatedTagger(cfg.noise, cfg.seed) if tagger == "simulated" else CaptionTagger(vocab)
+    else:
+        experts["tagger"] = None
     expert_names = {k: e.name for k, e in experts.items() if e is not None}
 
     stats_dir = os.path.join(out_dir, ".stats")
@@ -731,7 +854,7 @@ def main(argv=None):
         dst = os.path.join(out_dir, os.path.basename(src))
         for stale in glob(glob_escape(dst) + ".tmp*"):  # left by a run killed while writing this shard
             os.remove(stale)
-        counts = label_shard(src, dst, experts, vocab, cfg, bar.update)
+        counts = label_shard(src, dst, experts, cfg, bar.update)
         write_json(stats_of(src), {"shard": os.path.basename(src), "experts": expert_names, "counts": counts})
     bar.close()
 

@@ -1,5 +1,6 @@
-"""pseudolabel.py: entities, the OWLv2 padding correction, filtering, simulated and (tiny, random)
-real experts end to end, resumability, bad samples and CLI errors. CPU, offline, ~15 s."""
+"""pseudolabel.py: entities, the OWLv2 padding correction, filtering, the simulated tagger, simulated
+and (tiny, random) real experts end to end, resumability, bad samples and CLI errors. CPU, offline,
+~15 s."""
 
 import io
 import json
@@ -24,6 +25,16 @@ def simulated(shards, out, *extra):
 
 def read_shard(path):
     return dict(data.iter_tar(str(path)))
+
+
+def naming_every_object(members):
+    """A caption that names every object of a toy sample by its name (web captions often do not)."""
+    return "A photo of " + " and ".join("a " + o["name"] for o in json.loads(members["gt.json"])["objects"]) + "."
+
+
+def recaptioned(samples, caption):
+    """(key, members) samples with their caption replaced by caption(members)."""
+    return [(key, dict(members, txt=caption(members).encode())) for key, members in samples]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +123,10 @@ def test_simulated_experts_formats_round_trip_and_quality(toy, tmp_path):
     assert q["depth"]["absrel"] < 1e-3 and q["depth"]["delta1"] == 1.0
     for when in ("before_filtering", "after_filtering"):
         assert q["boxes"][when]["precision"] == 1.0 and q["boxes"][when]["recall"] == 1.0
-    assert perfect["experts"] == {"depth": ["simulated"], "ground": ["simulated"]}
+    assert perfect["experts"] == {"depth": ["simulated"], "ground": ["simulated"], "tagger": ["simulated"]}
+    tags = q["tags"]
+    assert tags["tagger"] == ["simulated"] and tags["precision"] == 1.0 and tags["recall"] == 1.0
+    assert tags["per_image"] == tags["true_objects"] / 12  # one tag per object, no others
     assert perfect["images"] == 12 and perfect["shards"] == 3
     assert json.load(open(tmp_path / "perfect" / "summary.json")) == perfect
 
@@ -125,7 +139,7 @@ def test_simulated_experts_formats_round_trip_and_quality(toy, tmp_path):
         s = data.decode_sample(key, members)
         assert s["depth"].shape == s["image"].shape[:2] and s["depth_valid"].all()
         assert s["depth"].min() >= 0 and s["depth"].max() <= 1
-        assert s["ground"]["expert"] == "simulated"
+        assert s["ground"]["expert"] == "simulated" and s["ground"]["tagger"] == "simulated"
         for e in s["ground"]["entities"]:
             assert set(e) == {"name", "box", "score"} and all(0 <= v <= 1 for v in e["box"])
 
@@ -134,15 +148,152 @@ def test_simulated_experts_formats_round_trip_and_quality(toy, tmp_path):
     assert noisy["boxes"]["before_filtering"]["precision"] < 1 and noisy["boxes"]["after_filtering"]["recall"] < 1
     # Filtering removes mostly false boxes: precision rises.
     assert noisy["boxes"]["after_filtering"]["precision"] > noisy["boxes"]["before_filtering"]["precision"]
+    assert noisy["tags"]["precision"] < 1 or noisy["tags"]["recall"] < 1  # 12 images: one of them surely
+
+
+# -----------------------------------------------------------------------------------------------
+# The simulated tagger (RAM++'s stand-in): names from the truth, not from the caption
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """The tagger's view of 200 toy scenes: {"gt": {"objects"}, "key"} (about 250 objects)."""
+    return [{"gt": {"objects": data.render_scene(0, i, 32)["objects"]}, "key": f"{i:09d}"} for i in range(200)]
+
+
+def test_simulated_tagger_at_noise_0_names_exactly_the_objects_present(scenes):
+    tagger = pl.SimulatedTagger(noise=0, seed=0)
+    tags = tagger(scenes)
+    for s, t in zip(scenes, tags):
+        names = [o["name"] for o in s["gt"]["objects"]]  # distinct within a scene
+        assert sorted(t) == sorted(names) and t == sorted(t)  # every object, nothing else, in name order
+    # Deterministic per (seed, key): the same tags again, in any batch order; another seed differs.
+    noisy = pl.SimulatedTagger(noise=1, seed=0)
+    assert noisy(scenes) == noisy(scenes[::-1])[::-1] == pl.SimulatedTagger(noise=1, seed=0)(scenes)
+    assert noisy(scenes) != pl.SimulatedTagger(noise=1, seed=1)(scenes)
+    assert all(len(t) == len(set(t)) for t in noisy(scenes))
+
+
+def test_simulated_tagger_rates_at_noise_1(scenes, monkeypatch):
+    """Each object of the toy scenes alone in an image, 4,000 images: with one object, a tag other
+    than its name is a confusion or a hallucination, so the rates can be read off the tags."""
+    objects = [o for s in scenes for o in s["gt"]["objects"]]
+    n = 4000
+    alone = [{"gt": {"objects": [objects[k % len(objects)]]}, "key": f"alone-{k}"} for k in range(n)]
+    T = pl.SimulatedTagger
+    M, C, F = T.MISS, T.CONFUSE, T.FALSE
+
+    def near(x, expected, se):
+        assert abs(x - expected) < 4 * se, (x, expected, se)
+
+    def run():
+        tags = T(noise=1, seed=0)(alone)
+        named = np.array([s["gt"]["objects"][0]["name"] in t for s, t in zip(alone, tags)])
+        others = [[x for x in t if x != s["gt"]["objects"][0]["name"]] for s, t in zip(alone, tags)]
+        return tags, named, others
+
+    # All three at once: named with probability (1-M)(1-C); a confusion or Poisson(F) hallucinations
+    # otherwise; no tag at all when missed and nothing hallucinated.
+    tags, named, others = run()
+    p = (1 - M) * (1 - C)
+    near(named.mean(), p, np.sqrt(p * (1 - p) / n))
+    wrong = np.array([len(o) for o in others])
+    near(wrong.mean(), (1 - M) * C + F, wrong.std() / np.sqrt(n))
+    p = M * np.exp(-F)
+    near(np.mean([len(t) == 0 for t in tags]), p, np.sqrt(p * (1 - p) / n))
+
+    # One failure at a time, at its own rate.
+    monkeypatch.setattr(T, "CONFUSE", 0.0)
+    monkeypatch.setattr(T, "FALSE", 0.0)
+    tags, named, others = run()
+    assert not any(others)
+    near(1 - named.mean(), M, np.sqrt(M * (1 - M) / n))
+
+    monkeypatch.setattr(T, "MISS", 0.0)
+    monkeypatch.setattr(T, "CONFUSE", C)
+    tags, named, others = run()
+    assert all(len(t) == 1 for t in tags)
+    near(1 - named.mean(), C, np.sqrt(C * (1 - C) / n))
+    changed = set()
+    for s, o in zip(alone, others):
+        for tag in o:  # a wrong colour or a wrong shape, the other word right
+            truth = s["gt"]["objects"][0]
+            colour, shape = tag.split()
+            assert (colour == truth["color"]) != (shape == truth["shape"]) and tag in T.NAMES
+            changed.add("shape" if colour == truth["color"] else "colour")
+    assert changed == {"colour", "shape"}
+
+    # Every object missed: what is left is hallucinated, toy names of objects not present.
+    monkeypatch.setattr(T, "MISS", 1.0)
+    monkeypatch.setattr(T, "CONFUSE", 0.0)
+    monkeypatch.setattr(T, "FALSE", F)
+    tags, named, others = run()
+    assert not named.any()
+    hallucinated = np.array([len(t) for t in tags])
+    near(hallucinated.mean(), F, np.sqrt(F / n))  # Poisson
+    assert all(set(t) <= set(T.NAMES) for t in tags)
+    monkeypatch.setattr(T, "FALSE", 2.0)  # in the scenes of several objects too, none of them named
+    assert not any({o["name"] for o in s["gt"]["objects"]} & set(t) for s, t in zip(scenes, T(1, 0)(scenes)))
+
+
+def test_grounding_names_come_from_the_tagger_not_the_caption(toy, tmp_path, capsys):
+    """Alt-text that names nothing: the simulated tagger still has the boxes grounded by name; the
+    caption's noun phrases give none."""
+    os.makedirs(tmp_path / "in")
+    data.write_shard(str(tmp_path / "in" / "a.tar"),
+                     recaptioned(data.iter_tar(str(toy / "train-000000.tar")), lambda m: "a photo."))
+    tagged = simulated(tmp_path / "in" / "*.tar", tmp_path / "tagged", "--noise", "0")  # --tagger auto
+    for key, members in read_shard(tmp_path / "tagged" / "a.tar").items():
+        assert members["txt"] == b"a photo."
+        g, truth = json.loads(members["ground.json"]), json.loads(members["gt.json"])
+        assert g["tagger"] == "simulated"
+        assert sorted(e["name"] for e in g["entities"]) == sorted(o["name"] for o in truth["objects"])
+    assert tagged["experts"]["tagger"] == ["simulated"]
+    q = tagged["label_quality"]
+    assert q["tags"]["recall"] == 1.0 and q["boxes"]["after_filtering"]["recall"] == 1.0
+    out = capsys.readouterr().out
+    assert "tagger=simulated" in out and "tag quality vs truth (4 images, tagger simulated)" in out
+
+    caption = simulated(tmp_path / "in" / "*.tar", tmp_path / "caption", "--noise", "0", "--tagger", "caption")
+    for key, members in read_shard(tmp_path / "caption" / "a.tar").items():
+        g = json.loads(members["ground.json"])
+        assert g["tagger"] == "caption" and g["entities"] == []
+    tags = caption["label_quality"]["tags"]
+    assert caption["experts"]["tagger"] == ["caption"] and tags["per_image"] == 0 and tags["recall"] == 0
+    assert tags["precision"] is None
+
+
+@pytest.mark.parametrize("tagger, message", [
+    (["--tagger", "simulated"], "--tagger simulated names the objects of the toy world's truth"),
+    ([], "--ground-expert simulated and its tagger (--tagger auto)"),
+])
+def test_simulated_tagger_needs_the_truth(toy, tmp_path, capsys, tagger, message):
+    os.makedirs(tmp_path / "in")
+    no_truth = [(key, {e: b for e, b in members.items() if e != "gt.json"})
+                for key, members in data.iter_tar(str(toy / "train-000000.tar"))]
+    data.write_shard(str(tmp_path / "in" / "real.tar"), no_truth)
+    with pytest.raises(SystemExit) as e:
+        labelled_run(tmp_path / "in" / "*.tar", tmp_path / "out", "--depth-expert", "none",
+                     "--ground-expert", "simulated", *tagger)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "real.tar lacks (no gt.json member)" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out" / "real.tar")
 
 
 def test_vocabulary_file_replaces_noun_phrases(toy, tmp_path):
     names = [f"{c} {s}" for c in data.COLORS for s in data.SHAPES]
     (tmp_path / "vocab.txt").write_text("# toy names\n" + "\n".join(names) + "\n")
-    simulated(toy / "train-000000.tar", tmp_path / "out", "--vocab", str(tmp_path / "vocab.txt"), "--noise", "0")
-    for key, members in read_shard(tmp_path / "out" / "train-000000.tar").items():
-        found = [e["name"] for e in json.loads(members["ground.json"])["entities"]]
-        assert found and set(found) <= set(names)
+    os.makedirs(tmp_path / "in")
+    data.write_shard(str(tmp_path / "in" / "a.tar"),
+                     recaptioned(data.iter_tar(str(toy / "train-000000.tar")), naming_every_object))
+    # --tagger auto with --vocab: the caption's vocabulary entries, not the simulated tagger
+    simulated(tmp_path / "in" / "a.tar", tmp_path / "out", "--vocab", str(tmp_path / "vocab.txt"), "--noise", "0")
+    for key, members in read_shard(tmp_path / "out" / "a.tar").items():
+        g = json.loads(members["ground.json"])
+        found = [e["name"] for e in g["entities"]]
+        assert g["tagger"] == "vocab"
+        assert sorted(found) == sorted(o["name"] for o in json.loads(members["gt.json"])["objects"])
 
 
 def test_resume_after_a_crash_gives_identical_shards(toy, tmp_path, monkeypatch):
@@ -207,7 +358,7 @@ def experts(tmp_path_factory):
 def test_real_experts_by_path(toy, experts, tmp_path):
     # The toy shard plus an img2dataset-like shard (image and caption only) with a wide image.
     os.makedirs(tmp_path / "in")
-    toy_samples = list(data.iter_tar(str(toy / "train-000000.tar")))
+    toy_samples = recaptioned(data.iter_tar(str(toy / "train-000000.tar")), naming_every_object)
     data.write_shard(str(tmp_path / "in" / "a.tar"), toy_samples)
     wide = np.asarray(Image.open(io.BytesIO(toy_samples[0][1]["png"])))[8:32]  # (24, 32, 3)
     buf = io.BytesIO()
@@ -224,7 +375,7 @@ def test_real_experts_by_path(toy, experts, tmp_path):
         for key, members in read_shard(tmp_path / "out" / shard).items():
             s = data.decode_sample(key, members)
             assert s["depth"].shape == s["image"].shape[:2]
-            assert s["ground"]["expert"] == str(experts / "owl")
+            assert s["ground"]["expert"] == str(experts / "owl") and s["ground"]["tagger"] == "caption"
             queries = pl.extract_entities(s["caption"])
             assert all(e["name"] in queries and 0 <= e["score"] <= 1 for e in s["ground"]["entities"])
 
@@ -251,6 +402,8 @@ def test_real_experts_by_path(toy, experts, tmp_path):
     (["--noise", "-1"], "--noise"),
     (["--depth-expert", "simulted"], "did you mean 'simulated'?"),  # refused before any hub request
     (["--ground-expert", "owlv2"], "hub name owner/name"),
+    (["--tagger", "simulated", "--vocab", "{tmp}/vocab.txt"], "takes its names from the scene truth"),
+    (["--tagger", "ram"], "--tagger"),
 ])
 def test_cli_errors(toy, tmp_path, capsys, args, message):
     argv = ["--shards", str(toy / "train-*.tar"), "--out", str(tmp_path / "out"),
