@@ -22,9 +22,13 @@ Every number comes with a standard error (1,000 bootstrap resamples of the test 
 queries; the probes are fitted once), its chance level and its ceiling at the evaluated
 resolution, measured where an oracle exists. Chance is what a model without the image gets: a
 random pick, the majority class, or for the dense probes the same probe on the patch position
-alone (in the toy world the floor's depth is a function of the image row, so position alone
-predicts much of it). Ceilings are the same protocol on perfect features (the truth per patch),
-so they show what the patch grid itself allows.
+alone (in the toy world a patch's place in the image predicts much of its depth). The toy dense
+probes therefore see each patch's position beside its features, so they score what the features
+add to it, and report that gain over the position-only probe with a paired standard error (both
+probes resampled on the same scenes). Ceilings are the same protocol on perfect features (the
+truth per patch), so they show what the patch grid itself allows. "ml" probes read the four
+blocks a DPT head taps (mtv.dpt_layers, through the final LayerNorm) side by side instead of the
+last layer alone.
 
 Toy world (val shards with truth members gt_depth/gt/gt_seg via --data, else --n scenes rendered
 in memory with a seed training never uses); the first 2/3 of the scenes train the probes, the
@@ -35,10 +39,17 @@ last 1/3 test them; zero-shot, retrieval, correspondence and grounding use every
   ret_{i2t,t2i}_r{1,5}         image <-> caption recall@k                                  COCO retrieval
   lin_count_acc, lin_shape_acc logistic regression on the pooled embedding: object count,  linear probing
                                shape of the largest object
-  depth_probe_{rmse,absrel}    ridge on patch tokens -> log depth, upsampled; all pixels   NYUv2 depth probe
+  obj_{shape,color}_acc        logistic regression on each object's patch tokens averaged  linear probing
+                               under its true mask (weights: its visible pixels' share per patch)
+  obj_{shape,color}_ml_acc     the same on the four DPT taps                               linear probing
+  depth_probe_{rmse,absrel}    ridge on patch tokens + patch position -> log depth,        NYUv2 depth probe
+                               upsampled; all pixels
   depth_probe_obj_{rmse,absrel}  the same, scored on object pixels only
-  seg_miou, seg_obj_miou       linear on patch tokens: sky/floor/object shape; mIoU over   ADE20K
-                               all 6 classes / over the 4 object shapes
+  depth_probe_ml_{rmse,absrel}, depth_probe_ml_obj_{rmse,absrel}                           NYUv2 depth probe
+                               the same two on the four DPT taps + patch position
+  seg_miou, seg_obj_miou       linear on patch tokens + patch position: sky/room/object    ADE20K
+                               shape; mIoU over all 6 classes / over the 4 object shapes
+  seg_ml_miou, seg_ml_obj_miou the same on the four DPT taps + patch position              ADE20K
   corr_recall                  patch nearest neighbours across a known crop+flip; right    NAVI / SPair
                                within max(0.1 x image side, one patch side)
   zsdepth_{absrel,delta1}      depth head, scale-shift aligned in inverse depth            KITTI/NYU zero-shot
@@ -130,14 +141,16 @@ PCK = 0.1  # correspondence is right within 10 % of the image side (PCK@0.1, as 
 N_BOOT, BOOT_SEED = 1000, 0  # bootstrap resamples for every standard error, and their fixed seed
 LOWER_IS_BETTER = ("_rmse", "_absrel")  # metric-name endings where smaller is better
 STANDS_FOR = {  # metric-name prefix -> the paper's benchmark the protocol stands in for
-    "zs_": "ImageNet zero-shot", "ret_": "COCO retrieval", "lin_": "linear probing",
+    "zs_": "ImageNet zero-shot", "ret_": "COCO retrieval", "lin_": "linear probing", "obj_": "linear probing",
     "depth_probe_": "NYUv2 depth probe", "seg_": "ADE20K segmentation",
     "corr_": "NAVI / SPair correspondence", "zsdepth_": "zero-shot depth (KITTI / NYU)",
     "ground_": "grounding", "in_": "ImageNet", "coco_": "COCO", "nyu_": "NYUv2", "ade_": "ADE20K"}
 KEY_METRICS = (  # Figure 1's columns, in its order, then the rest of ours
     "zs_color_acc", "zs_shape_acc", "zs_present_acc", "in_zs_acc", "ret_i2t_r1", "ret_i2t_r5", "coco_i2t_r1",
-    "seg_miou", "seg_obj_miou", "ade_miou", "corr_recall", "depth_probe_rmse", "depth_probe_obj_rmse",
-    "nyu_probe_rmse", "zsdepth_absrel", "ground_acc", "lin_shape_acc", "lin_count_acc")
+    "seg_miou", "seg_obj_miou", "seg_ml_miou", "seg_ml_obj_miou", "ade_miou", "corr_recall", "depth_probe_rmse",
+    "depth_probe_obj_rmse", "depth_probe_ml_rmse", "depth_probe_ml_obj_rmse", "nyu_probe_rmse", "zsdepth_absrel",
+    "ground_acc", "lin_shape_acc", "lin_count_acc", "obj_shape_acc", "obj_color_acc", "obj_shape_ml_acc",
+    "obj_color_ml_acc")
 
 
 def fail(msg):
@@ -197,6 +210,20 @@ def estimate(parts, reduce=ratio, n_boot=N_BOOT, seed=BOOT_SEED):
     boot = reduce(counts @ parts)
     boot = boot[torch.isfinite(boot)]
     return float(value), float(boot.std()) if len(boot) > 1 else 0.0, n
+
+
+def paired_gain(parts, base, reduce=ratio, lower=False):
+    """(gain, standard error) of a metric over a baseline scored on the same test items: parts and
+    base (n, k) hold the same items' rows in the same order. gain = value - baseline, or baseline -
+    value where lower is better, so positive is better. Each resample draws the same items for
+    both (their rows side by side in one row), so what the two share, such as the scenes that are
+    hard for both, cancels: the se is that of the difference, well below the two ses combined
+    when their errors go together."""
+    k = parts.shape[1]
+    model, baseline = lambda t: reduce(t[..., :k]), lambda t: reduce(t[..., k:])
+    better = (lambda t: baseline(t) - model(t)) if lower else (lambda t: model(t) - baseline(t))
+    gain, se, _ = estimate(torch.cat([parts.double(), base.double()], 1), better)
+    return gain, se
 
 
 def hits(correct):
@@ -437,17 +464,23 @@ def to_input(images, device):
 @torch.no_grad()
 def extract(model, items, want, device, desc, load=None):
     """One frozen pass over items (uint8 images, or paths that load reads), kept on the CPU:
-    "pooled" (n, W) global embedding, "patch" (n, h, w, W) final patch tokens, "img" (n, D)
-    normalised image embedding, "depth" (n, H, W) the depth head's relative inverse depth."""
+    "pooled" (n, W) global embedding, "patch" (n, h, w, W) final patch tokens, "taps" (n, h, w, 4W)
+    the four blocks a DPT head reads (mtv.dpt_layers) through the final LayerNorm, side by side (as
+    MTV.depth_taps; any model, with a depth head or without), "img" (n, D) normalised image
+    embedding, "depth" (n, H, W) the depth head's relative inverse depth."""
     out = {k: [] for k in want}
+    taps = mtv.dpt_layers(model.cfg.vision) if "taps" in want else ()
     for i in tqdm(range(0, len(items), BATCH), desc=desc, leave=False):
         x = to_input([load(it) if load else it for it in items[i:i + BATCH]], device)
-        if {"pooled", "patch", "img"} & set(want):
+        if {"pooled", "patch", "taps", "img"} & set(want):
             with mtv.autocast(device, PRECISION):
-                vis = model.vision(x)
-            h = x.shape[-2] // model.cfg.vision.patch_size
+                vis = model.vision(x, layers=taps)  # the taps come from the same pass as the patch tokens
+                tapped = model.depth_taps(vis["layers"])
+            grid = lambda t: rearrange(t, "b (h w) d -> b h w d", h=x.shape[-2] // model.cfg.vision.patch_size)
             got = {"pooled": vis["pooled"], "img": F.normalize(vis["pooled"], dim=-1),  # = encode_image(x)
-                   "patch": rearrange(vis["patch"], "b (h w) d -> b h w d", h=h)}
+                   "patch": grid(vis["patch"])}
+            if taps:
+                got["taps"] = grid(torch.cat(tapped, -1))
             for k in set(want) & set(got):
                 out[k].append(got[k].float().cpu())
         if "depth" in want:
@@ -630,119 +663,219 @@ def load_toy_shards(pattern, n, size):
 
 
 class Scores:
-    """Metrics as they are measured: value, standard error, item count, chance and ceiling."""
+    """Metrics as they are measured: value, standard error, item count, chance and ceiling; and for
+    the probes read against a baseline on the same test items, the gain over it with its own se."""
 
     def __init__(self):
         self.rows = {}
 
-    def add(self, name, parts, reduce=ratio, chance=None, ceiling=None):
+    def add(self, name, parts, reduce=ratio, chance=None, ceiling=None, paired=False):
+        """paired: chance holds the parts of a baseline on the same test items, row for row (the
+        position-only probe), so the row also gets its gain over it (paired_gain); else None."""
         value, se, n = estimate(parts, reduce)
         as_float = lambda v: None if v is None else float(v if not torch.is_tensor(v) else reduce(v.sum(0)))
+        gain, gain_se = paired_gain(parts, chance, reduce, lower_is_better(name)) if paired else (None, None)
         self.rows[name] = {"value": value, "se": se, "n": n, "chance": as_float(chance),
-                           "ceiling": as_float(ceiling)}
+                           "ceiling": as_float(ceiling), "gain": gain, "gain_se": gain_se}
+
+
+# The dense and object probes read two sets of patch features: (metric-name infix, extract key).
+# The last layer alone, as the paper's probes; and the four DPT taps side by side, because a
+# model's depth or layout may live in the middle blocks that a dense head reads, not in the last.
+LAYERS = (("", "patch"), ("ml_", "taps"))
+
+
+def probe_split(n):
+    """The first 2/3 of the scenes train the probes, the rest test them."""
+    return 2 * n // 3
+
+
+def stacked(scenes, key):
+    """(n, S, S) tensor of one per-pixel truth of every scene: "depth" (sky = inf) or "seg" (ids)."""
+    return torch.from_numpy(np.stack([s[key] for s in scenes]))
 
 
 def toy_suite(model, scenes, device, skip):
-    """Every toy-world protocol on scenes (render_scene dicts at the model's input size) -> Scores."""
-    S, n, patch = model.cfg.vision.image_size, len(scenes), model.cfg.vision.patch_size
-    tr = 2 * n // 3  # the first 2/3 of the scenes train the probes, the rest test them
-    images = [s["image"] for s in scenes]
-    depth = torch.from_numpy(np.stack([s["depth"] for s in scenes]))  # (n, S, S), sky = inf
-    seg = torch.from_numpy(np.stack([s["seg"] for s in scenes])).long()  # (n, S, S) instance ids
-    largest = [max(s["objects"], key=lambda o: o["area"]) for s in scenes]
-    shape = torch.tensor([data.SHAPES.index(o["shape"]) for o in largest])
-    count = torch.tensor([s["count"] for s in scenes])
-    names = toy_names()
+    """Every toy-world protocol on scenes (render_scene dicts at the model's input size) -> Scores.
+    One frozen pass extracts what every protocol reads (the second views of correspondence and
+    the grounding boxes need passes of their own)."""
     has_text = hasattr(model, "text")  # built for clip or ground
-    want = ("pooled", "patch") + ("img",) * has_text + ("depth",) * ("depth" in model.tasks)
-    a = extract(model, images, want, device, "toy features")
+    want = ("pooled", "patch", "taps") + ("img",) * has_text + ("depth",) * ("depth" in model.tasks)
+    a = extract(model, [s["image"] for s in scenes], want, device, "toy features")
+    layers = {infix: a[key] for infix, key in LAYERS}
     m = Scores()
-
     if has_text:
-        # [<-> ImageNet zero-shot] the prompt "a photo of a red cube." that fits the image best.
-        parts, chance = zero_shot(a["img"], embed_classes(model, names, device, TOY_TEMPLATES), scenes)
-        for k, p in parts.items():
-            m.add(k, p, chance=chance[k], ceiling=1.0)
-        # [<-> COCO retrieval] each scene's caption among all captions and back; the toy world
-        # repeats some captions word for word, and a repeat counts as the right one.
-        captions = [s["caption"] for s in scenes]
-        ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-        cid = torch.tensor([ids[c] for c in captions])
-        same = cid[:, None] == cid[None]  # (n, n)
-        sim = a["img"] @ embed_text(model, captions, device).T  # (images, captions)
-        for way, scores in (("i2t", sim), ("t2i", sim.T)):
-            for k in (1, 5):
-                m.add(f"ret_{way}_r{k}", hits(recall_hits(scores, same, k)), chance=recall_chance(same, k),
-                      ceiling=1.0)
+        toy_text(m, model, a["img"], scenes, device)
     else:
         skip("zero-shot classification and retrieval: the model has no text tower")
-
-    # [<-> linear probing] how many objects, and the largest one's shape, from the global embedding.
-    X = a["pooled"]
-    for key, y in (("lin_count_acc", count), ("lin_shape_acc", shape)):
-        pred = linear_probe(X[:tr], y[:tr], X[tr:], int(y.max()) + 1)
-        m.add(key, hits(pred == y[tr:]), chance=majority_chance(y[:tr], y[tr:]), ceiling=1.0)
-
-    # [<-> NYUv2 depth probe] metric depth from patch tokens; capped at TOY_CAP, the sky left out.
-    # Chance: the same probe on the patch position alone; ceiling: on each patch's true mean log
-    # depth (what the patch grid and the bilinear upsampling allow).
-    P, Dtr, Dte = a["patch"], depth[:tr], depth[tr:]
-    h, w = P.shape[1:3]
-    logd, frac = patch_log_depth(depth, (h, w), TOY_CAP)
-    truth = torch.where(frac > 0, logd, math.log(TOY_CAP))[..., None]  # (n, h, w, 1); all-sky patches: far
-    obj = seg[tr:] >= 2
-    pred = {label: depth_probe(F_[:tr], Dtr, F_[tr:], Dte, TOY_CAP)
-            for label, F_ in (("model", P), ("chance", position_features(n, h, w)), ("ceiling", truth))}
-    for sub, where in (("", None), ("obj_", obj)):
-        parts = {label: depth_parts(p, Dte, TOY_CAP, where) for label, p in pred.items()}
-        for metric, reduce in (("rmse", rmse_of), ("absrel", absrel_of)):
-            m.add(f"depth_probe_{sub}{metric}", parts["model"], reduce, chance=parts["chance"],
-                  ceiling=parts["ceiling"])
-
-    # [<-> ADE20K] semantic classes per pixel: sky, floor, and each object's shape; mIoU over all
-    # classes and over the four object shapes (the scene, not the camera). Same chance and ceiling
-    # construction as the depth probe (ceiling: the patch's true class fractions as features).
-    C = 2 + len(data.SHAPES)
-    lut = [torch.tensor([0, 1] + [2 + data.SHAPES.index(o["shape"]) for o in s["objects"]]) for s in scenes]
-    labels = torch.stack([t[g] for t, g in zip(lut, seg)])  # (n, S, S)
-    fractions = patch_class_fractions(labels, (h, w), C)[0].view(n, h, w, C)
-    seg_p = {label: seg_parts(seg_probe(F_[:tr], labels[:tr], F_[tr:], labels[tr:], C), labels[tr:], C)
-             for label, F_ in (("model", P), ("chance", position_features(n, h, w)), ("ceiling", fractions))}
-    for key, classes in (("seg_miou", None), ("seg_obj_miou", range(2, C))):
-        reduce = lambda t, classes=classes: miou_of(t, classes)
-        m.add(key, seg_p["model"], reduce, chance=seg_p["chance"], ceiling=seg_p["ceiling"])
-
-    # [<-> NAVI / SPair] dense matches between each scene and a known crop + flip of it.
-    views, warps = zip(*(second_view(im, np.random.default_rng([CORR_SEED, i])) for i, im in enumerate(images)))
-    b = extract(model, list(views), ("patch",), device, "toy second views")
-    c = correspondence(P, b["patch"], warps, seg, S, patch)
-    m.add("corr_recall", c["model"], chance=c["chance"], ceiling=c["ceiling"])
-
-    # [<-> KITTI / NYU zero-shot depth] the depth head's output, aligned per image. Chance: the
-    # mean inverse-depth map of the set for every image (where things usually are); ceiling: the
-    # true inverse depth.
+    toy_global_probes(m, a["pooled"], scenes)
+    toy_object_probes(m, layers, scenes)
+    toy_dense_probes(m, layers, scenes)
+    toy_correspondence(m, model, a["patch"], scenes, device)
     if "depth" in model.tasks:
-        inv = 1 / depth.clamp(max=TOY_CAP)  # as scored: depth capped, the sky (never scored) at the cap
-        prior = inv.mean(0, keepdim=True).expand_as(inv)
-        z = {k: zero_shot_depth(v, depth, TOY_CAP) for k, v in (("model", a["depth"]), ("chance", prior),
-                                                               ("ceiling", inv))}
-        for key, reduce in (("zsdepth_absrel", absrel_of), ("zsdepth_delta1", delta1_of)):
-            m.add(key, z["model"], reduce, chance=z["chance"], ceiling=z["ceiling"])
+        toy_zero_shot_depth(m, a["depth"], scenes)
     else:
         skip("zero-shot depth: the model has no depth head")
-
-    # Grounding: region embeddings of the true boxes against the entity names' text embeddings,
-    # names tokenized as in training.
     if "ground" in model.tasks:
-        boxes = [torch.tensor([o["box"] for o in s["objects"]], dtype=torch.float32) for s in scenes]
-        box_names = [[o["name"] for o in s["objects"]] for s in scenes]
-        regions = embed_boxes(model, images, boxes, device)
-        g = grounding(regions, box_names, embed_names(model, names, device), names)
-        m.add("ground_acc", g["acc"], chance=g["acc_chance"], ceiling=1.0)
-        m.add("ground_name_acc", g["name_acc"], chance=1 / len(names), ceiling=1.0)
+        toy_grounding(m, model, scenes, device)
     else:
         skip("grounding: the model has no grounding head")
     return m
+
+
+def toy_text(m, model, img, scenes, device):
+    """[<-> ImageNet zero-shot] the prompt "a photo of a red cube." that fits the image best, and
+    [<-> COCO retrieval] each scene's caption among all captions and back; img (n, D) the
+    normalised image embeddings."""
+    names = toy_names()
+    parts, chance = zero_shot(img, embed_classes(model, names, device, TOY_TEMPLATES), scenes)
+    for k, p in parts.items():
+        m.add(k, p, chance=chance[k], ceiling=1.0)
+    # The toy world repeats some captions word for word, and a repeat counts as the right one.
+    captions = [s["caption"] for s in scenes]
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    cid = torch.tensor([ids[c] for c in captions])
+    same = cid[:, None] == cid[None]  # (n, n)
+    sim = img @ embed_text(model, captions, device).T  # (images, captions)
+    for way, scores in (("i2t", sim), ("t2i", sim.T)):
+        for k in (1, 5):
+            m.add(f"ret_{way}_r{k}", hits(recall_hits(scores, same, k)), chance=recall_chance(same, k), ceiling=1.0)
+
+
+def toy_global_probes(m, pooled, scenes):
+    """[<-> linear probing] how many objects, and the largest one's shape, from the global
+    embedding pooled (n, W)."""
+    tr = probe_split(len(scenes))
+    largest = [max(s["objects"], key=lambda o: o["area"]) for s in scenes]
+    shape = torch.tensor([data.SHAPES.index(o["shape"]) for o in largest])
+    count = torch.tensor([s["count"] for s in scenes])
+    for key, y in (("lin_count_acc", count), ("lin_shape_acc", shape)):
+        pred = linear_probe(pooled[:tr], y[:tr], pooled[tr:], int(y.max()) + 1)
+        m.add(key, hits(pred == y[tr:]), chance=majority_chance(y[:tr], y[tr:]), ceiling=1.0)
+
+
+def object_tokens(P, seg):
+    """Each visible object's own feature: the mean of the patch tokens P (n, h, w, W) weighted by
+    the share of the object's visible pixels (seg (n, H, W) == 2 + i for object i) in each patch;
+    the image is a whole number of patches, so a patch's share of the object is its fraction of
+    object pixels over the sum of those fractions. Returns the features (m, W) and the image and
+    object index (m,) of every object with a visible pixel, image-major; hidden objects are left
+    out (no pixel to pool)."""
+    n, h, w, _ = P.shape
+    K = int(seg.max()) + 1
+    frac = patch_class_fractions(seg.long(), (h, w), K)[0].view(n, h * w, K)[..., 2:]  # (n, hw, objects)
+    total = frac.sum(1)  # (n, objects): 0 for an object with no visible pixel (or none at that index)
+    weights = frac / total.clamp(min=1e-12)[:, None]  # each object's weights sum to 1 over the patches
+    pooled = torch.bmm(weights.transpose(1, 2), P.flatten(1, 2).float())  # (n, objects, W)
+    img, obj = (total > 0).nonzero(as_tuple=True)
+    return pooled[img, obj], img, obj
+
+
+def toy_object_probes(m, layers, scenes):
+    """[<-> linear probing] each object's shape and colour by logistic regression on its own
+    tokens (object_tokens), from each feature set of layers {infix: (n, h, w, W)}: whether the
+    patch tokens say what is where, which the pooled embedding's probes (lin_*) cannot tell.
+    Trained on the objects of the probe-training scenes; scored per test scene (its objects share
+    a camera and a light, so the scene is the item the bootstrap resamples)."""
+    tr, seg = probe_split(len(scenes)), stacked(scenes, "seg")
+    for infix, P in layers.items():
+        X, img, obj = object_tokens(P, seg)
+        objects = [scenes[i]["objects"][j] for i, j in zip(img.tolist(), obj.tolist())]
+        train, test = img < tr, img >= tr
+        for attr, values in (("shape", data.SHAPES), ("color", data.COLORS)):
+            y = torch.tensor([values.index(o[attr]) for o in objects])
+            right = hits(linear_probe(X[train], y[train], X[test], len(values)) == y[test])  # per object
+            per_scene = torch.zeros(len(scenes) - tr, 2, dtype=torch.float64).index_add_(0, img[test] - tr, right)
+            m.add(f"obj_{attr}_{infix}acc", per_scene, chance=majority_chance(y[train], y[test]), ceiling=1.0)
+
+
+def with_position(P, tr):
+    """(n, h, w, W' + h*w): patch features P (n, h, w, W) beside each patch's position one-hot, the
+    input of the toy world's dense probes. In the toy world a patch's position alone predicts much
+    of its depth, so a probe on the features alone mostly measures how much of the position
+    embedding survives to the last layer; with the position given, it scores what the features
+    add, read against the probe on the position alone. Feature columns constant over the
+    training scenes carry nothing and are dropped, so that features with nothing beyond position
+    give exactly the position-only probe (gain 0, not rounding noise)."""
+    varies = (P[:tr] != P[:1, :1, :1]).flatten(0, 2).any(0)  # (W,)
+    return torch.cat([P[..., varies], position_features(*P.shape[:3])], -1)
+
+
+def toy_dense_probes(m, layers, scenes):
+    """[<-> NYUv2 depth probe] metric depth (capped at TOY_CAP, the sky left out) and [<-> ADE20K]
+    semantic classes per pixel (sky, the room, each object's shape; mIoU over all classes and over
+    the four object shapes: the scene, not the camera), from each feature set of layers
+    {infix: (n, h, w, W)} beside the patch position (with_position). Chance: the same probes on the
+    position alone, and each row's gain over them with a paired se; ceiling: on each patch's truth
+    (mean log depth, class fractions), what the patch grid and the bilinear upsampling allow."""
+    n, tr = len(scenes), probe_split(len(scenes))
+    depth, seg = stacked(scenes, "depth"), stacked(scenes, "seg").long()
+    C = 2 + len(data.SHAPES)
+    lut = [torch.tensor([0, 1] + [2 + data.SHAPES.index(o["shape"]) for o in s["objects"]]) for s in scenes]
+    labels = torch.stack([t[g] for t, g in zip(lut, seg)])  # (n, S, S)
+    h, w = next(iter(layers.values())).shape[1:3]
+    logd, frac = patch_log_depth(depth, (h, w), TOY_CAP)
+    Dte, Lte, obj = depth[tr:], labels[tr:], seg[tr:] >= 2
+
+    def score(X_depth, X_seg):
+        """Parts of the depth probe (all pixels, object pixels) and of the segmentation probe."""
+        d = depth_probe(X_depth[:tr], depth[:tr], X_depth[tr:], Dte, TOY_CAP)
+        s = seg_probe(X_seg[:tr], labels[:tr], X_seg[tr:], Lte, C)
+        return {"": depth_parts(d, Dte, TOY_CAP), "obj_": depth_parts(d, Dte, TOY_CAP, obj),
+                "seg": seg_parts(s, Lte, C)}
+
+    pos = position_features(n, h, w)
+    chance = score(pos, pos)
+    ceiling = score(torch.where(frac > 0, logd, math.log(TOY_CAP))[..., None],  # all-sky patches: far
+                    patch_class_fractions(labels, (h, w), C)[0].view(n, h, w, C))
+    got = {}
+    for infix, P in layers.items():
+        X = with_position(P, tr)
+        got[infix] = score(X, X)
+    for infix in got:
+        for sub in ("", "obj_"):
+            for metric, reduce in (("rmse", rmse_of), ("absrel", absrel_of)):
+                m.add(f"depth_probe_{infix}{sub}{metric}", got[infix][sub], reduce, chance=chance[sub],
+                      ceiling=ceiling[sub], paired=True)
+    for infix in got:
+        for sub, classes in (("", None), ("obj_", range(2, C))):
+            reduce = lambda t, classes=classes: miou_of(t, classes)
+            m.add(f"seg_{infix}{sub}miou", got[infix]["seg"], reduce, chance=chance["seg"],
+                  ceiling=ceiling["seg"], paired=True)
+
+
+def toy_correspondence(m, model, P, scenes, device):
+    """[<-> NAVI / SPair] dense matches between each scene (patch tokens P) and a known crop + flip
+    of it."""
+    S, patch = model.cfg.vision.image_size, model.cfg.vision.patch_size
+    views, warps = zip(*(second_view(s["image"], np.random.default_rng([CORR_SEED, i])) for i, s in enumerate(scenes)))
+    b = extract(model, list(views), ("patch",), device, "toy second views")
+    c = correspondence(P, b["patch"], warps, stacked(scenes, "seg").long(), S, patch)
+    m.add("corr_recall", c["model"], chance=c["chance"], ceiling=c["ceiling"])
+
+
+def toy_zero_shot_depth(m, pred, scenes):
+    """[<-> KITTI / NYU zero-shot depth] the depth head's output pred (n, S, S), aligned per image.
+    Chance: the mean inverse-depth map of the set for every image (where things usually are);
+    ceiling: the true inverse depth."""
+    depth = stacked(scenes, "depth")
+    inv = 1 / depth.clamp(max=TOY_CAP)  # as scored: depth capped, the sky (never scored) at the cap
+    prior = inv.mean(0, keepdim=True).expand_as(inv)
+    z = {k: zero_shot_depth(v, depth, TOY_CAP) for k, v in (("model", pred), ("chance", prior), ("ceiling", inv))}
+    for key, reduce in (("zsdepth_absrel", absrel_of), ("zsdepth_delta1", delta1_of)):
+        m.add(key, z["model"], reduce, chance=z["chance"], ceiling=z["ceiling"])
+
+
+def toy_grounding(m, model, scenes, device):
+    """Grounding: region embeddings of the true boxes against the entity names' text embeddings,
+    names tokenized as in training."""
+    names = toy_names()
+    boxes = [torch.tensor([o["box"] for o in s["objects"]], dtype=torch.float32) for s in scenes]
+    box_names = [[o["name"] for o in s["objects"]] for s in scenes]
+    regions = embed_boxes(model, [s["image"] for s in scenes], boxes, device)
+    g = grounding(regions, box_names, embed_names(model, names, device), names)
+    m.add("ground_acc", g["acc"], chance=g["acc_chance"], ceiling=1.0)
+    m.add("ground_name_acc", g["name_acc"], chance=1 / len(names), ceiling=1.0)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -981,10 +1114,13 @@ def write_results(out, results):
              f"{results['seconds']:.0f} s", "",
              "value ± standard error (bootstrap over the n test items); chance: without the image (random, "
              "majority class, or the probe on patch positions alone); ceiling: perfect features at this "
-             "resolution; – where none is defined.", "",
-             "| metric | value ± se | n | chance | ceiling | stands for |", "|---|---|---|---|---|---|"]
+             "resolution; – where none is defined. gain: how much better than the position-only probe "
+             "(the probes that also see the patch position), ± its paired bootstrap se.", "",
+             "| metric | value ± se | n | chance | ceiling | gain ± se | stands for |",
+             "|---|---|---|---|---|---|---|"]
+    gain = lambda k: f"{results['gain'][k]:+.3f} ± {results['gain_se'][k]:.3f}" if k in results["gain"] else ""
     lines += [f"| {k} {arrow(k)} | {v:.3f} ± {results['se'][k]:.3f} | {results['n'][k]} | "
-              f"{fmt(results['chance'][k])} | {fmt(results['ceiling'][k])} | {stands_for(k)} |"
+              f"{fmt(results['chance'][k])} | {fmt(results['ceiling'][k])} | {gain(k)} | {stands_for(k)} |"
               for k, v in results["metrics"].items()]
     lines += [""] + [f"skipped: {s}" for s in results["skipped"]]
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -1029,7 +1165,7 @@ def radar(rows, names, refs, path):
 def read_results(path):
     with open(path) as f:
         r = json.load(f)
-    for key in ("se", "chance", "ceiling"):  # results written before standard errors existed
+    for key in ("se", "chance", "ceiling", "gain", "gain_se"):  # results written before these existed
         r.setdefault(key, {})
     return r
 
@@ -1207,6 +1343,8 @@ def evaluate_checkpoint(args):
                "se": {k: round(r["se"], 6) for k, r in rows.items()}, "n": {k: r["n"] for k, r in rows.items()},
                "chance": {k: rounded(r["chance"]) for k, r in rows.items()},
                "ceiling": {k: rounded(r["ceiling"]) for k, r in rows.items()},
+               "gain": {k: rounded(r["gain"]) for k, r in rows.items() if r["gain"] is not None},
+               "gain_se": {k: rounded(r["gain_se"]) for k, r in rows.items() if r["gain"] is not None},
                "lower_is_better": [k for k in rows if lower_is_better(k)],
                "precision": "bf16" if isinstance(mtv.autocast(device, PRECISION), torch.autocast) else "fp32",
                "skipped": skipped, "seconds": time.time() - start}

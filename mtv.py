@@ -410,13 +410,19 @@ class FusionBlock(nn.Module):
         return self.out(F.interpolate(x, size=size, mode="bilinear", align_corners=True))
 
 
+def dpt_layers(vit: ViTConfig) -> tuple:
+    """The 4 block indices DPT taps, evenly spaced to the last: e.g. 2, 5, 8, 11 of 12, as DPT.
+    Module-level so that evaluate.py probes the same taps on models without a depth head."""
+    return tuple((i + 1) * vit.depth // 4 - 1 for i in range(4))
+
+
 class DepthHead(nn.Module):
     """DPT (Ranftl et al. 2021): tokens of 4 blocks reassembled into a 4x, 2x, 1x, 1/2x pyramid of
     the patch grid, fused coarse to fine, then a conv head to one channel at input resolution."""
 
     def __init__(self, vit: ViTConfig, features: int):
         super().__init__()
-        self.layers = tuple((i + 1) * vit.depth // 4 - 1 for i in range(4))  # e.g. 2, 5, 8, 11 of 12, as DPT
+        self.layers = dpt_layers(vit)
         c = features
 
         def resample(factor):

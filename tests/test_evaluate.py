@@ -234,6 +234,168 @@ def test_position_features_are_the_dense_floor():
     assert value(miss, E.absrel_of) > 0.3
 
 
+def test_paired_gain_by_hand():
+    """The gain over a baseline on the same items: positive when better, either way round; and
+    with the two resampled together its se is that of the difference. A model that halves every
+    scene's errors has gain = half the baseline's error, and its paired se is exactly half the
+    baseline's se (the same resamples), well below the unpaired sqrt(se_model^2 + se_base^2)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.stack([torch.rand(100, generator=g) * 50, torch.rand(100, generator=g) * 10,
+                        torch.full((100,), 20.0)], 1).double()  # depth_parts rows: sq. error, rel. error, pixels
+    model = base * torch.tensor([0.25, 0.5, 1.0], dtype=torch.float64)  # every error halved
+    for reduce in (E.rmse_of, E.absrel_of):
+        v, se_v, _ = E.estimate(model, reduce)
+        c, se_c, _ = E.estimate(base, reduce)
+        gain, gain_se = E.paired_gain(model, base, reduce, lower=True)
+        assert v == pytest.approx(c / 2) and gain == pytest.approx(c / 2) and gain > 0
+        assert gain_se == pytest.approx(se_c / 2) and gain_se < 0.5 * math.sqrt(se_v ** 2 + se_c ** 2)
+    # accuracies: the model is right wherever the baseline is, and on 30 more of 200 items
+    right = torch.rand(200, generator=g) < 0.4
+    better = right.clone()
+    better[(~right).nonzero()[:30, 0]] = True
+    gain, gain_se = E.paired_gain(E.hits(better), E.hits(right))
+    assert gain == pytest.approx(30 / 200)
+    assert E.paired_gain(E.hits(right), E.hits(better))[0] == pytest.approx(-30 / 200)  # worse: negative
+    # paired, the se is that of the per-item differences (1 on 30 items, else 0): binomial at 0.15
+    assert gain_se == pytest.approx(math.sqrt(0.15 * 0.85 / 200), rel=0.1)
+    unpaired = math.hypot(E.estimate(E.hits(better))[1], E.estimate(E.hits(right))[1])  # ~0.049
+    assert gain_se < 0.6 * unpaired
+    # Scores rows carry it where the chance parts are paired, and nowhere else
+    m = E.Scores()
+    m.add("depth_probe_rmse", model, E.rmse_of, chance=base, paired=True)
+    m.add("lin_shape_acc", E.hits(better), chance=0.25)
+    r = m.rows["depth_probe_rmse"]
+    assert r["gain"] == pytest.approx(r["chance"] - r["value"]) and r["gain"] > 0
+    assert m.rows["lin_shape_acc"]["gain"] is None and m.rows["lin_shape_acc"]["gain_se"] is None
+
+
+DENSE = [f"{probe}_{infix}{sub}{metric}" for infix in ("", "ml_") for sub in ("", "obj_")
+         for probe, metric in (("depth_probe", "rmse"), ("depth_probe", "absrel"))] + \
+        [f"seg_{infix}{sub}miou" for infix in ("", "ml_") for sub in ("", "obj_")]
+OBJECT = [f"obj_{attr}_{infix}acc" for attr in ("shape", "color") for infix in ("", "ml_")]
+
+
+@pytest.fixture(scope="module")
+def scenes32():
+    return [data.render_scene(11, i, 32) for i in range(30)]
+
+
+def true_patch_log_depth(scenes, grid):
+    logd, frac = E.patch_log_depth(E.stacked(scenes, "depth"), grid, E.TOY_CAP)
+    return torch.where(frac > 0, logd, math.log(E.TOY_CAP))[..., None]  # (n, h, w, 1), all-sky patches far
+
+
+def test_features_without_content_score_exactly_the_position_probe(scenes32):
+    """Patch features that carry nothing beyond their position (here nothing at all: zeros, or a
+    constant) give the position-relative depth and segmentation probes exactly the position-only
+    probe's score: value == chance and gain 0 with se 0, for the last layer and the taps alike."""
+    n = len(scenes32)
+    assert torch.equal(E.with_position(torch.zeros(n, 4, 4, 8), 20), E.position_features(n, 4, 4))
+    assert E.with_position(torch.randn(n, 4, 4, 8), 20).shape == (n, 4, 4, 8 + 16)
+    m = E.Scores()
+    E.toy_dense_probes(m, {"": torch.zeros(n, 4, 4, 8), "ml_": torch.full((n, 4, 4, 5), 0.3)}, scenes32)
+    assert sorted(m.rows) == sorted(DENSE)
+    for k, r in m.rows.items():
+        assert r["value"] == r["chance"] and r["gain"] == 0 and r["gain_se"] == 0, k
+    assert m.rows["depth_probe_rmse"]["chance"] > 1.5 * m.rows["depth_probe_rmse"]["ceiling"]  # room to gain
+    # features that are a function of the position only (a position embedding, the same in every
+    # image) gain nearly nothing either: the same information, only penalised a little differently
+    pos_only = torch.randn(1, 4, 4, 8, generator=torch.Generator().manual_seed(0)).expand(n, -1, -1, -1)
+    m = E.Scores()
+    E.toy_dense_probes(m, {"": pos_only}, scenes32)
+    assert all(abs(r["gain"]) < 0.005 for r in m.rows.values())
+
+
+def test_true_depth_features_reach_the_ceiling(scenes32):
+    """The true mean log depth of each patch as its feature reaches the depth probe's ceiling (the
+    probe on exactly that, without the position), with a clear gain over position alone."""
+    truth = true_patch_log_depth(scenes32, (4, 4))
+    m = E.Scores()
+    E.toy_dense_probes(m, {"": truth, "ml_": torch.cat([truth, torch.randn(truth.shape[:3] + (3,))], -1)}, scenes32)
+    for k in DENSE[:8]:  # the depth rows
+        r = m.rows[k]
+        assert r["value"] == pytest.approx(r["ceiling"], rel=0.03), k
+        assert r["gain"] == pytest.approx(r["chance"] - r["value"]) and r["gain"] > 2 * r["gain_se"], k
+
+
+def test_object_tokens_by_hand():
+    """Weights are each object's share of its visible pixels per patch; a hidden object is left out."""
+    seg = torch.tensor([[[2, 2, 4, 1],
+                         [2, 1, 1, 1],
+                         [1, 2, 1, 1],
+                         [0, 0, 1, 1]]])  # 2x2 patches of 2x2 pixels; object 1 (id 3) is hidden
+    P = torch.eye(4).view(1, 2, 2, 4)  # each patch's token names the patch
+    X, img, obj = E.object_tokens(P, seg)
+    assert img.tolist() == [0, 0] and obj.tolist() == [0, 2]
+    assert torch.equal(X, torch.tensor([[0.75, 0.0, 0.25, 0.0],    # 3 pixels top left, 1 bottom left
+                                        [0.0, 1.0, 0.0, 0.0]]))    # its one pixel top right
+
+
+def test_object_tokens_recover_the_shape_of_objects_that_own_their_patches(scenes32):
+    """Each patch's token is the one-hot shape of the object with most pixels in it (zeros where
+    none): pooling under an object's true mask returns exactly its shape's one-hot whenever every
+    patch it shows in belongs to an object of its shape, and a mix summing to 1 otherwise."""
+    seg = E.stacked(scenes32, "seg").long()
+    n, g = len(scenes32), 4
+    K = int(seg.max()) + 1
+    frac = E.patch_class_fractions(seg, (g, g), K)[0].view(n, g * g, K)[..., 2:]  # (n, patches, objects)
+    shapes = [torch.tensor([data.SHAPES.index(o["shape"]) for o in s["objects"]] + [0] * (K - 2))[:K - 2]
+              for s in scenes32]
+    owner = frac.argmax(2)  # (n, patches)
+    P = torch.stack([torch.nn.functional.one_hot(sh[o], 4) for sh, o in zip(shapes, owner)]).float()
+    P = (P * (frac.sum(2, keepdim=True) > 0)).view(n, g, g, 4)  # no object pixel: a zero token
+    X, img, obj = E.object_tokens(P, seg)
+    visible = [(i, j) for i, s in enumerate(scenes32) for j in range(len(s["objects"])) if (s["seg"] == 2 + j).any()]
+    assert list(zip(img.tolist(), obj.tolist())) == visible
+    clean = 0
+    for x, i, j in zip(X, img.tolist(), obj.tolist()):
+        assert x.sum() == pytest.approx(1, abs=1e-6)
+        covers = frac[i, :, j] > 0
+        if (shapes[i][owner[i][covers]] == shapes[i][j]).all():  # every patch it shows in has its shape
+            assert torch.allclose(x, torch.nn.functional.one_hot(shapes[i][j], 4).float(), atol=1e-6)
+            clean += 1
+    assert clean >= len(visible) // 3  # not vacuous: most objects own their patches (31 of 42 here)
+
+
+def test_object_probes_on_true_labels_are_perfect(scenes32, monkeypatch):
+    """Object features that are the true shape and colour one-hots score 1.0 on both, against the
+    training objects' majority class; the items are the test scenes."""
+    seg = E.stacked(scenes32, "seg").long()
+    _, img, obj = E.object_tokens(torch.zeros(len(scenes32), 4, 4, 1), seg)
+    objects = [scenes32[i]["objects"][j] for i, j in zip(img.tolist(), obj.tolist())]
+    onehot = torch.cat([torch.nn.functional.one_hot(torch.tensor([vals.index(o[a]) for o in objects]), len(vals))
+                        for a, vals in (("shape", data.SHAPES), ("color", data.COLORS))], 1).float()
+    monkeypatch.setattr(E, "object_tokens", lambda P, seg: (onehot, img, obj))
+    m = E.Scores()
+    E.toy_object_probes(m, {"": None, "ml_": None}, scenes32)
+    assert sorted(m.rows) == sorted(OBJECT)
+    for k, r in m.rows.items():
+        assert r["value"] == 1.0 and r["ceiling"] == 1.0 and r["n"] == 10 and 0 < r["chance"] < 0.7, k
+    shapes = torch.tensor([data.SHAPES.index(o["shape"]) for o in objects])
+    assert m.rows["obj_shape_acc"]["chance"] == E.majority_chance(shapes[img < 20], shapes[img >= 20])
+
+
+def test_taps_are_the_dpt_head_inputs():
+    """extract's "taps" are the depth head's inputs side by side (the same block indices, through
+    the final LayerNorm), also for a model without a depth head, whose last tap is the last block
+    and so equals the final patch tokens."""
+    import evaluate  # test_faults allows extract() only on a module named evaluate
+
+    images = [s["image"] for s in E.render_toy(3, 32)]
+    for tasks in (("clip", "depth"), ("ssl",)):
+        model = mtv.MTV(tiny_config(), tasks).eval()
+        f = evaluate.extract(model, images, ("patch", "taps"), torch.device("cpu"), "test")
+        W = model.cfg.vision.width
+        assert f["taps"].shape == (3, 4, 4, 4 * W) and torch.allclose(f["taps"][..., -W:], f["patch"], atol=1e-5)
+        if "depth" in tasks:
+            assert model.depth_head.layers == mtv.dpt_layers(model.cfg.vision) == (0, 1, 2, 3)
+            with torch.no_grad():
+                x = E.to_input(images, "cpu")
+                taps = model.depth_taps(model.vision(x, layers=model.depth_head.layers)["layers"])
+            assert torch.allclose(f["taps"].flatten(1, 2), torch.cat(taps, -1), atol=1e-6)
+    assert mtv.dpt_layers(mtv.ViTConfig(depth=12)) == (2, 5, 8, 11)
+
+
 # -- compare ------------------------------------------------------------------------------------
 
 
@@ -288,19 +450,21 @@ def test_radar_spans_chance_to_ceiling(tmp_path):
 # -- the CLI on a tiny random model -------------------------------------------------------------
 
 
+def tiny_config(size=32):
+    return mtv.MTVConfig(mtv.ViTConfig(size, 8, 32, 4, 2, 64), mtv.TextConfig(258, 64, 32, 1, 2, 64),
+                         mtv.HeadConfig(64, 16, 32, 32, 16, 1))
+
+
 def tiny_checkpoint(path, tasks=mtv.ALL_TASKS, size=32):
-    cfg = mtv.MTVConfig(mtv.ViTConfig(size, 8, 32, 4, 2, 64), mtv.TextConfig(258, 64, 32, 1, 2, 64),
-                        mtv.HeadConfig(64, 16, 32, 32, 16, 1))
     torch.manual_seed(0)
-    model = mtv.MTV(cfg, tasks)
+    model = mtv.MTV(tiny_config(size), tasks)
     torch.save({"model": model.state_dict(), "model_config": model.config_dict(), "train_config": {"seed": 7}},
                path)
     return str(path)
 
 
 TOY_METRICS = ["zs_shape_acc", "zs_color_acc", "zs_present_acc", "ret_i2t_r1", "ret_i2t_r5", "ret_t2i_r1",
-               "ret_t2i_r5", "lin_count_acc", "lin_shape_acc", "depth_probe_rmse", "depth_probe_absrel",
-               "depth_probe_obj_rmse", "depth_probe_obj_absrel", "seg_miou", "seg_obj_miou", "corr_recall",
+               "ret_t2i_r5", "lin_count_acc", "lin_shape_acc", *OBJECT, *DENSE, "corr_recall",
                "zsdepth_absrel", "zsdepth_delta1", "ground_acc", "ground_name_acc"]
 
 
@@ -316,14 +480,29 @@ def test_toy_suite_end_to_end(tmp_path, capsys):
     for key in ("se", "n", "chance", "ceiling"):
         assert sorted(results[key]) == sorted(TOY_METRICS) and all(v is not None for v in results[key].values()), key
     assert results["n"]["corr_recall"] == 60 and results["n"]["seg_miou"] == 20  # probes test on the last 1/3
+    assert all(results["n"][k] == 20 for k in OBJECT + DENSE)
     assert results["ceiling"]["corr_recall"] >= 0.95 and results["ceiling"]["zsdepth_absrel"] < 1e-4
     assert results["chance"]["depth_probe_rmse"] > results["ceiling"]["depth_probe_rmse"]
-    assert sorted(results["lower_is_better"]) == ["depth_probe_absrel", "depth_probe_obj_absrel",
-                                                  "depth_probe_obj_rmse", "depth_probe_rmse", "zsdepth_absrel"]
+    assert results["chance"]["depth_probe_ml_rmse"] == results["chance"]["depth_probe_rmse"]  # one position probe
+    assert all(results["ceiling"][k] == 1.0 for k in OBJECT)
+    assert sorted(results["lower_is_better"]) == sorted(k for k in DENSE if not k.endswith("miou")) + ["zsdepth_absrel"]
+    # the dense rows, and only they, carry their gain over the position-only probe
+    assert sorted(results["gain"]) == sorted(results["gain_se"]) == sorted(DENSE)
+    for k in DENSE:
+        better = results["chance"][k] - results["metrics"][k] if k in results["lower_is_better"] else \
+            results["metrics"][k] - results["chance"][k]
+        assert results["gain"][k] == pytest.approx(better, abs=2e-6) and results["gain_se"][k] > 0, k
     md = (tmp_path / "eval" / "results.md").read_text()
     se = results["se"]["seg_miou"]
     assert f"| seg_miou ↑ | {results['metrics']['seg_miou']:.3f} ± {se:.3f} | 20 |" in md
-    assert "| value ± se | n | chance | ceiling |" in capsys.readouterr().out
+    gain = f"{results['gain']['seg_miou']:+.3f} ± {results['gain_se']['seg_miou']:.3f}"
+    assert f"| {results['ceiling']['seg_miou']:.3f} | {gain} | ADE20K segmentation |" in md
+    assert "| 1.000 |  | linear probing |" in md  # no gain where there is no paired baseline
+    assert "| value ± se | n | chance | ceiling | gain ± se |" in capsys.readouterr().out
+    # --compare reads it beside a run evaluated before gains existed
+    old = fake_run(tmp_path, "old", ["clip"], 0, {"zs_shape_acc": 0.3, "depth_probe_rmse": 2.0})
+    table = E.main(["--compare", str(tmp_path), old, "--out", str(tmp_path / "cmp")])
+    assert "obj_shape_ml_acc" in table["clip+ssl+depth+ground"] and "depth_probe_rmse" in table["clip"]
 
 
 def test_init_is_the_model_before_its_first_step(tmp_path):
@@ -350,6 +529,7 @@ def test_missing_heads_are_skipped(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "ssl.pt", tasks=("ssl",))
     results = E.main([ckpt, "--n", "12", "--out", str(tmp_path / "ev")])
     assert len(results["skipped"]) == 3 and "zs_shape_acc" not in results["metrics"]
+    assert {"depth_probe_ml_rmse", "seg_ml_miou", "obj_shape_ml_acc"} <= set(results["metrics"])  # taps, no head
     assert "skipped: zero-shot depth: the model has no depth head" in capsys.readouterr().out
 
 
