@@ -91,7 +91,8 @@ def parse_args(argv):
         "model": f"preset: {', '.join(mtv.PRESETS)}",
         "epochs": "train for this many passes over --data instead of --steps",
         "batch_size": "images per process and step",
-        "loss_weights": "task=weight pairs, e.g. clip=1,ssl=0.5,depth=0.5",
+        "loss_weights": "task=weight pairs, e.g. clip=1,ssl=0.5,depth=0.5; dino= and ibot= weigh the two terms "
+                        "of ssl on their own (e.g. ibot=0 for DINO alone)",
         "teacher_momentum": "start of the EMA momentum schedule (to 1.0); 0.996 in DINO for long runs, "
                             "lower for short ones so the teacher keeps up",
         "teacher_temp": "final DINO/iBOT teacher temperature, warmed up from 0.04",
@@ -155,14 +156,23 @@ def parse_tasks(spec):
     return tuple(t for t in mtv.ALL_TASKS if t in tasks)  # canonical order
 
 
+# The terms inside the ssl objective that --loss-weights can weigh on their own (DINOv2 weighs its
+# DINO and iBOT terms separately; SigLIP 2 weighs its two SSL terms 1 and 0.25).
+SSL_TERMS = ("dino", "ibot")
+
+
 def parse_weights(spec, tasks):
-    weights = {t: 1.0 for t in tasks}
+    """--loss-weights -> {task or ssl term: weight}; unnamed ones weigh 1. The ssl terms scale
+    inside the ssl objective, which its own weight then scales as a whole."""
+    weights = {t: 1.0 for t in tasks} | ({t: 1.0 for t in SSL_TERMS} if "ssl" in tasks else {})
+    names = mtv.ALL_TASKS + SSL_TERMS
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = item.partition("=")
-        if name not in mtv.ALL_TASKS:
-            fail(f"--loss-weights names unknown task {name!r}; choose from {','.join(mtv.ALL_TASKS)}")
-        if name not in tasks:
-            fail(f"--loss-weights gives a weight to {name!r}, which is not in --tasks {','.join(tasks)}")
+        if name not in names:
+            fail(f"--loss-weights names unknown task or term {name!r}; choose from {','.join(names)}")
+        if name not in weights:
+            fail(f"--loss-weights gives a weight to {name!r}, which is not in --tasks {','.join(tasks)}"
+                 + (" (dino and ibot are terms of ssl)" if name in SSL_TERMS else ""))
         try:
             weights[name] = float(value)
         except ValueError:
@@ -395,9 +405,9 @@ def plot_losses(metrics_path, png_path, refs=None):
 class Objectives(torch.nn.Module):
     """The enabled losses, with the state they carry (DINO and iBOT teacher centres)."""
 
-    def __init__(self, model, tasks, cfg):
+    def __init__(self, model, tasks, cfg, weights):
         super().__init__()
-        self.tasks, self.cfg = tasks, cfg
+        self.tasks, self.cfg, self.weights = tasks, cfg, weights
         if "ssl" in tasks:
             self.dino = losses.DINOLoss(model.cfg.heads.dino_prototypes)
             self.ibot = losses.IBOTLoss(model.cfg.heads.ibot_prototypes)
@@ -415,7 +425,7 @@ class Objectives(torch.nn.Module):
                           target["dino_global"].float(), teacher_temp)
             d.update(self.ibot(out["ibot"].float(), target["ibot"].float(), batch["ibot_mask"],
                                teacher_temp))
-            parts["ssl"] = d["dino"] + d["ibot"]
+            parts["ssl"] = self.weights["dino"] * d["dino"] + self.weights["ibot"] * d["ibot"]
             if self.cfg.koleo > 0:  # DINOv2: spread the student's global features, summed over the 2 views
                 d["koleo"] = sum(losses.koleo_loss(f.float()) for f in out["pooled"].chunk(2))
                 parts["ssl"] = parts["ssl"] + self.cfg.koleo * d["koleo"]
@@ -597,7 +607,7 @@ def setup(cfg):
     # -- model, teacher, losses, optimizer ------------------------------------------------------
     model = mtv.MTV.initialised(model_cfg, tasks, cfg.seed).to(device)  # re-seeded: data generation may draw
     teacher = model.ssl_teacher().to(device) if "ssl" in tasks else None
-    objectives = Objectives(model, tasks, cfg).to(device)
+    objectives = Objectives(model, tasks, cfg, weights).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     step = 0
@@ -670,7 +680,7 @@ def train_step(r, batch, lr, wd):
         target = r.teacher(batch) if r.teacher is not None else None
     temp = losses.teacher_temp_schedule(r.step, int(0.3 * r.total), 0.04, cfg.teacher_temp)
     parts, logs = r.objectives(out, target, batch, temp)
-    loss = sum(r.weights[k] * v for k, v in parts.items())
+    loss = sum(r.weights[k] * v for k, v in parts.items())  # per task; ssl's terms are weighed inside
     r.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if r.step < cfg.freeze_last_layer * r.total:  # DINO: the first epoch; here a fraction of the steps

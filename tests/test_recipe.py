@@ -4,6 +4,7 @@ reads normalised taps (Depth Anything V2), the sigmoid biases start at their bat
 that differ only in size are one grounding class, KoLeo sums its two views (DINOv2), and train.py
 picks its threads without oversubscribing."""
 
+import json
 import math
 
 import numpy as np
@@ -158,3 +159,23 @@ def test_bench_grid_throughput_row(tmp_path):
                     str(tmp_path), rows)
     (r,) = rows
     assert r["section"] == "f" and 0.2 < r["ratio"] < 20 and "images/s" in r["detail"]
+
+
+def test_ssl_terms_are_weighed_on_their_own(shards, tmp_path):
+    """--loss-weights dino=a,ibot=b: the ssl objective is a * DINO + b * iBOT (DINOv2 and SigLIP 2
+    weigh the two terms separately); the first step's logged terms do not depend on the weights."""
+    assert train.parse_weights("ibot=0.25", ("clip", "ssl")) == {"clip": 1.0, "ssl": 1.0, "dino": 1.0, "ibot": 0.25}
+    logged = {}
+    for name, spec in (("both", ""), ("dino", "ibot=0"), ("scaled", "ssl=2,dino=0.5,ibot=3")):
+        run(shards, tmp_path / name, "ssl", "--loss-weights", spec, "--seed", "3")
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            logged[name] = [json.loads(line) for line in f][0]
+    d, i = logged["both"]["dino"], logged["both"]["ibot"]
+    assert logged["both"]["loss"] == pytest.approx(d + i, rel=1e-5)
+    assert logged["dino"]["dino"] == pytest.approx(d, rel=1e-5) and logged["dino"]["loss"] == pytest.approx(d, rel=1e-5)
+    assert logged["scaled"]["loss"] == pytest.approx(2 * (0.5 * d + 3 * i), rel=1e-5)
+
+
+def test_ssl_term_weights_need_ssl():
+    with pytest.raises(SystemExit):
+        train.parse_weights("ibot=0", ("clip",))
