@@ -802,6 +802,12 @@ class AugConfig:
     local_scale: tuple = (0.1, 0.35)
     flip: float = 0.5                       # probability of a horizontal flip
     jitter: float = 0.4                     # brightness/contrast/saturation factors in 1 +- jitter
+    # DINO's colour augmentation beyond that, on the views only ssl reads (the second global view and
+    # the local crops; view 0 must stay true to its caption): a hue shift in +-hue of the colour
+    # circle and grayscale with probability `grayscale`. Without them an object's colour alone
+    # solves the self-distillation task in the toy world, and the features need learn no shape.
+    hue: float = 0.1
+    grayscale: float = 0.2
     min_visible: float = 0.3                # a box survives a crop if this much of its area does
     mask_ratio: tuple = (0.1, 0.5)          # iBOT: fraction of view 1's patches masked
     patch_size: int = 8
@@ -868,13 +874,18 @@ def crop_and_flip(sample, crop, flip, size, min_visible=0.3):
     return out
 
 
-def _photometric(image, rng, jitter):
-    """uint8 (3, S, S) -> float (3, S, S) with brightness/contrast/saturation jitter, normalised
-    with SigLIP's mean = std = 0.5. Photometric only: labels are unaffected."""
+def _photometric(image, rng, jitter, hue=0.0, grayscale=0.0):
+    """uint8 (3, S, S) -> float (3, S, S) with brightness/contrast/saturation jitter, then (where
+    asked) a hue shift and grayscale, normalised with SigLIP's mean = std = 0.5. Photometric only:
+    labels are unaffected."""
     x = image.float() / 255
     if jitter:
         b, c, s = rng.uniform(1 - jitter, 1 + jitter, 3)
         x = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, b), c), s)
+    if hue:
+        x = TF.adjust_hue(x, rng.uniform(-hue, hue))
+    if grayscale and rng.random() < grayscale:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
     return (x - 0.5) / 0.5
 
 
@@ -928,10 +939,11 @@ def make_views(sample, rng, aug, tasks):
     if "ground" in tasks:
         labelled["ground"] = sample["ground"]
 
-    def view(scale, size, source=None):
+    def view(scale, size, source=None, ssl_only=False):
         crop, flip = random_crop(rng, height, width, scale), rng.random() < aug.flip
         geo = crop_and_flip(source or {"image": sample["image"]}, crop, flip, size, aug.min_visible)
-        return _photometric(geo.pop("image"), rng, aug.jitter), geo, flip
+        colour = (aug.hue, aug.grayscale) if ssl_only else (0.0, 0.0)
+        return _photometric(geo.pop("image"), rng, aug.jitter, *colour), geo, flip
 
     # View 0 is the one its caption describes: with clip it is cropped only a little (open_clip
     # crops at 0.9-1, so named objects stay in view) and a flip swaps "left" and "right" in the
@@ -939,9 +951,9 @@ def make_views(sample, rng, aug, tasks):
     first, geo, flipped = view(aug.caption_scale if "clip" in tasks else aug.global_scale, aug.size, labelled)
     out = {"caption": mirror_caption(sample["caption"]) if flipped else sample["caption"], **geo}
     if "ssl" in tasks:
-        out["global"] = torch.stack([first, view(aug.global_scale, aug.size)[0]])    # (2, 3, S, S)
+        out["global"] = torch.stack([first, view(aug.global_scale, aug.size, ssl_only=True)[0]])  # (2, 3, S, S)
         if aug.n_local:
-            out["local"] = torch.stack([view(aug.local_scale, aug.local_size)[0]
+            out["local"] = torch.stack([view(aug.local_scale, aug.local_size, ssl_only=True)[0]
                                         for _ in range(aug.n_local)])               # (n_local, 3, s, s)
         out["ibot_mask"] = block_mask(rng, aug.size // aug.patch_size, aug.mask_ratio)  # (N,)
     else:

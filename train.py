@@ -63,6 +63,8 @@ class TrainConfig:
     koleo: float = 0.0  # weight of the KoLeo spreading term on the student's global features
     freeze_last_layer: float = 0.01  # fraction of the steps with the SSL prototype layers frozen
     n_local: int = 4  # local crops per image for ssl (DINO multi-crop)
+    hue: float = 0.1  # DINO's hue jitter on the ssl-only views
+    grayscale: float = 0.2  # DINO's grayscale probability on the ssl-only views
     image_size: int = 0  # 0 = the preset's resolution
     out: str = "runs/train"
     resume: str = ""  # "latest" = OUT/checkpoint.pt, or a path
@@ -114,6 +116,9 @@ def parse_args(argv):
         "weight_decay_end": "weight decay at the last step",
         "grad_clip": "clip the global gradient norm to this value",
         "n_local": "DINO local crops per image (half the image size each), with ssl only",
+        "hue": "hue shift in +-HUE of the colour circle on the views only ssl reads (the second global view "
+               "and the local crops; DINO: 0.1); the caption view never changes colour",
+        "grayscale": "probability of grayscale on the views only ssl reads (DINO: 0.2)",
         "image_size": "input resolution in pixels, a multiple of the patch size; 0 = the preset's",
         "out": "run folder: checkpoint.pt, metrics.jsonl, losses.png, config.json",
         "seed": "seed of the model's initialisation and the augmentations (not of the toy data)",
@@ -645,7 +650,7 @@ def setup(cfg):
     autocast = mtv.autocast(device, cfg.precision)
 
     aug = data.AugConfig(size=size, local_size=size // 2, n_local=cfg.n_local if "ssl" in tasks else 0,
-                         patch_size=model_cfg.vision.patch_size)
+                         hue=cfg.hue, grayscale=cfg.grayscale, patch_size=model_cfg.vision.patch_size)
     loader = make_loader(cfg, train_shards, tasks, model, aug, skip=step, seed=cfg.seed)
     val_loader = (make_loader(cfg, val_shards, tasks, model, aug, skip=0, seed=cfg.seed + 1,
                               repeat=False, workers=0) if val_shards else None)

@@ -147,3 +147,24 @@ def test_missing_labels_raise_a_clear_error():
     with pytest.raises(ValueError, match="depth.png.*pseudolabel.py"):
         data.make_views(s, np.random.default_rng(0), data.AugConfig(size=16), ("clip", "depth"))
     data.make_views(s, np.random.default_rng(0), data.AugConfig(size=16), ("clip", "ground"))
+
+
+def test_dino_colour_augmentation_only_on_the_ssl_views():
+    """Hue and grayscale (DINO's colour augmentation) change the second global view and the local
+    crops, never view 0, which its caption describes; with both off the views are as before."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[..., 0] = 220                                            # pure red: grayscale shows at once
+    sample = {"key": "red", "image": image, "caption": "a red square"}
+    grey = lambda v: (v.max(0).values - v.min(0).values).abs().max() < 1e-6  # (3, S, S): R = G = B
+    aug = data.AugConfig(size=32, local_size=16, n_local=2, jitter=0, hue=0.0, grayscale=1.0, flip=0)
+    v = data.make_views(sample, np.random.default_rng(0), aug, ("clip", "ssl"))
+    assert not grey(v["global"][0]) and grey(v["global"][1]) and all(grey(x) for x in v["local"])
+    aug = data.AugConfig(size=32, local_size=16, n_local=2, jitter=0, hue=0.5, grayscale=0.0, flip=0)
+    v = data.make_views(sample, np.random.default_rng(0), aug, ("clip", "ssl"))
+    colour = lambda x: x.mean((1, 2))                              # a uniform image: its one colour
+    assert torch.allclose(colour(v["global"][0]), torch.tensor([220 / 127.5 - 1, -1.0, -1.0]))
+    assert not torch.allclose(colour(v["global"][1]), colour(v["global"][0]), atol=1e-3)
+    off = data.AugConfig(size=32, local_size=16, n_local=2, hue=0.0, grayscale=0.0)
+    a = data.make_views(sample, np.random.default_rng(1), off, ("ssl",))
+    b = data.make_views(sample, np.random.default_rng(1), off, ("ssl",))
+    assert torch.equal(a["global"], b["global"]) and torch.equal(a["local"], b["local"])
