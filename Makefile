@@ -48,6 +48,7 @@ demo: $(VENV)/.installed
 #   make ablate ABLATE=runs/ablate-full CAPTIONS=full    captions that name everything (the paper's
 #                                                        premise: CLIP lacks what web captions omit)
 #   make ablate PRECISION=bf16                           bf16 autocast on the CPU (AVX512-BF16)
+#   make ablate EXTRA="--teacher-temp 0.04"              any other train.py flags, for every run
 #   make ablate ABLATE=runs/model-s16 MODEL=S/16 SIZE=64 model scaling
 ROWS   ?= clip clip,ssl clip,ssl,ground clip,ssl,depth,ground
 SEEDS  ?= 0 1 2
@@ -61,6 +62,7 @@ NLOCAL ?= 2
 TOY_N  ?= 8000
 CAPTIONS ?= web
 PRECISION ?= auto
+EXTRA  ?=
 EVAL_N ?= 2000
 LANES  ?= $(shell nproc)
 INIT_ROW ?= $(lastword $(ROWS))
@@ -92,7 +94,7 @@ $(ABLATE)/%/eval/results.json: $(TOYDATA)/labelled/summary.json
 	@mkdir -p $(ABLATE)/$* && echo "start $* (log: $(ABLATE)/$*/log.txt)"
 	@$(ONE) train.py --tasks $(call run_tasks,$*) --seed $(call run_seed,$*) --model $(MODEL) \
 		--image-size $(SIZE) --steps $(STEPS) --lr $(LR) --batch-size $(BATCH) --n-local $(NLOCAL) \
-		--toy-n $(TOY_N) --captions $(CAPTIONS) --precision $(PRECISION) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
+		--toy-n $(TOY_N) --captions $(CAPTIONS) --precision $(PRECISION) $(EXTRA) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
 		> $(ABLATE)/$*/log.txt 2>&1 || { tail -3 $(ABLATE)/$*/log.txt; exit 1; }
 	@$(ONE) evaluate.py $(ABLATE)/$*/checkpoint.pt --n $(EVAL_N) > $(ABLATE)/$*/eval.log 2>&1 \
 		|| { tail -3 $(ABLATE)/$*/eval.log; exit 1; }
