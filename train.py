@@ -355,44 +355,56 @@ def smooth(values, weight=0.6):
     return out
 
 
-def plot_losses(metrics_path, png_path, refs=None):
+def plot_losses(metrics_path, png_path, refs=None, labels=None):
     """Top row: each logged loss, training (raw and lightly smoothed) and validation (dashed),
     with its uniform level. Bottom row: the learning signals: the positive-negative logit gap of
     clip and ground (0 = no signal), the teacher entropies against their maximum log K (at the
-    maximum the teacher says nothing; far below it, collapse), and the lr schedule."""
+    maximum the teacher says nothing; far below it, collapse), and the lr schedule. metrics_path
+    may be a list of runs' metrics.jsonl, drawn over each other (one colour each, named by labels):
+    e.g. the same run in fp32 and bf16."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     refs = refs or {}
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f]
-    for r in rows:
-        for t in ("clip", "ground"):
-            if f"{t}_pos_logit" in r and f"{t}_neg_logit" in r:
-                r[f"{t}_gap"] = r[f"{t}_pos_logit"] - r[f"{t}_neg_logit"]
-    top = [k for k in ("loss", "clip", "dino", "ibot", "koleo", "depth", "ground") if any(k in r for r in rows)]
-    bottom = [k for k in ("clip_gap", "ground_gap", "dino_teacher_entropy", "ibot_teacher_entropy", "lr")
-              if any(k in r for r in rows)]
+    paths = [metrics_path] if isinstance(metrics_path, (str, os.PathLike)) else list(metrics_path)
+    labels = labels or ([""] if len(paths) == 1 else [str(p) for p in paths])
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f]
+        for r in rows:
+            for t in ("clip", "ground"):
+                if f"{t}_pos_logit" in r and f"{t}_neg_logit" in r:
+                    r[f"{t}_gap"] = r[f"{t}_pos_logit"] - r[f"{t}_neg_logit"]
+        runs.append(rows)
+    logged = lambda k: any(k in r for rows in runs for r in rows)  # noqa: E731
+    top = [k for k in ("loss", "clip", "dino", "ibot", "koleo", "depth", "ground") if logged(k)]
+    bottom = [k for k in ("clip_gap", "ground_gap", "dino_teacher_entropy", "ibot_teacher_entropy", "lr") if logged(k)]
     if not top:
         return
     cols = max(len(top), len(bottom))
     fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 5.8), squeeze=False)
     for i, keys in enumerate((top, bottom)):
         for ax, k in zip(axes[i], keys):
-            steps, values = zip(*[(r["step"], r[k]) for r in rows if k in r])
-            noisy = len(values) >= 30 and k != "lr"  # smoothing sparse points would only lag
-            if noisy:
-                ax.plot(steps, values, color="C0", alpha=0.3, lw=1)
-            ax.plot(steps, smooth(values) if noisy else values, color="C0", label="train")
-            va = [(r["step"], r["val_" + k]) for r in rows if "val_" + k in r]
-            if va:
-                ax.plot(*zip(*va), "--o", color="C1", ms=3, label="val")
+            for j, (rows, label) in enumerate(zip(runs, labels)):
+                name = f"{label} " if label else ""
+                points = [(r["step"], r[k]) for r in rows if k in r]
+                if not points:
+                    continue
+                steps, values = zip(*points)
+                noisy = len(values) >= 30 and k != "lr"  # smoothing sparse points would only lag
+                if noisy:
+                    ax.plot(steps, values, color=f"C{2 * j}", alpha=0.3, lw=1)
+                ax.plot(steps, smooth(values) if noisy else values, color=f"C{2 * j}", label=f"{name}train")
+                va = [(r["step"], r["val_" + k]) for r in rows if "val_" + k in r]
+                if va:
+                    ax.plot(*zip(*va), "--o", color=f"C{2 * j + 1}", ms=3, label=f"{name}val")
             if k in refs:
                 what = "log K (maximum)" if k.endswith("entropy") else "no signal" if k.endswith("gap") else "uniform"
                 ax.axhline(refs[k], ls=":", color="gray", label=f"{what} {refs[k]:.2f}")
-            if va or k in refs:
+            if len(runs) > 1 or k in refs or any("val_" + k in r for rows in runs for r in rows):
                 ax.legend(fontsize=7)
             ax.set_title(k.replace("_", " "), fontsize=9)
             ax.set_xlabel("step")

@@ -191,3 +191,19 @@ def test_ctrl_c_says_where_the_checkpoint_is(shards, tmp_path):
     lines = [l for l in err.splitlines() if l.startswith("train.py:")]
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert len(lines) == 1 and str(out / "checkpoint.pt") in lines[0] and "--resume latest" in lines[0]
+
+
+def test_loss_curves_of_several_runs_overlay(tmp_path, monkeypatch):
+    """plot_losses draws runs over each other (the fp32 / bf16 check), each named in the legend,
+    and a curve only one run logged still appears."""
+    import matplotlib.figure
+
+    for name, rows in (("a", [{"step": s, "loss": 5 - s / 50, "dino": 6.0} for s in range(0, 100, 10)]),
+                       ("b", [{"step": s, "loss": 5 - s / 40} for s in range(0, 100, 10)])):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    train.plot_losses([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "c.png", labels=["fp32", "bf16"])
+    panels = {ax.get_title(): [line.get_label() for line in ax.get_lines()] for ax in saved[0].axes}
+    assert panels["loss"] == ["fp32 train", "bf16 train"] and panels["dino"] == ["fp32 train"]
