@@ -802,6 +802,7 @@ class AugConfig:
     local_scale: tuple = (0.1, 0.35)
     flip: float = 0.5                       # probability of a horizontal flip
     jitter: float = 0.4                     # brightness/contrast/saturation factors in 1 +- jitter
+    caption_jitter: float = None            # the same on view 0 with clip; None = jitter (SLIP's CLIP view: 0)
     # DINO's colour augmentation beyond that, on the views only ssl reads (the second global view and
     # the local crops; view 0 must stay true to its caption): a hue shift in +-hue of the colour
     # circle and grayscale with probability `grayscale`. Without them an object's colour alone
@@ -939,16 +940,18 @@ def make_views(sample, rng, aug, tasks):
     if "ground" in tasks:
         labelled["ground"] = sample["ground"]
 
-    def view(scale, size, source=None, ssl_only=False):
+    def view(scale, size, source=None, ssl_only=False, jitter=aug.jitter):
         crop, flip = random_crop(rng, height, width, scale), rng.random() < aug.flip
         geo = crop_and_flip(source or {"image": sample["image"]}, crop, flip, size, aug.min_visible)
         colour = (aug.hue, aug.grayscale) if ssl_only else (0.0, 0.0)
-        return _photometric(geo.pop("image"), rng, aug.jitter, *colour), geo, flip
+        return _photometric(geo.pop("image"), rng, jitter, *colour), geo, flip
 
     # View 0 is the one its caption describes: with clip it is cropped only a little (open_clip
     # crops at 0.9-1, so named objects stay in view) and a flip swaps "left" and "right" in the
     # caption (as MDETR does), so that the caption stays true of the view.
-    first, geo, flipped = view(aug.caption_scale if "clip" in tasks else aug.global_scale, aug.size, labelled)
+    first, geo, flipped = view(aug.caption_scale if "clip" in tasks else aug.global_scale, aug.size, labelled,
+                               jitter=aug.jitter if aug.caption_jitter is None or "clip" not in tasks
+                               else aug.caption_jitter)
     out = {"caption": mirror_caption(sample["caption"]) if flipped else sample["caption"], **geo}
     if "ssl" in tasks:
         out["global"] = torch.stack([first, view(aug.global_scale, aug.size, ssl_only=True)[0]])  # (2, 3, S, S)

@@ -58,11 +58,13 @@ class TrainConfig:
     weight_decay_end: float = 0.2
     grad_clip: float = 1.0
     loss_weights: str = ""  # e.g. "clip=1,ssl=0.5"; unnamed enabled tasks weigh 1
-    teacher_momentum: float = 0.99  # EMA of the SSL teacher, cosine-increased to 1
+    teacher_momentum: float = 0.99  # EMA of the SSL teacher, cosine-increased to teacher_momentum_end
+    teacher_momentum_end: float = 1.0  # DINO: 1; equal to teacher_momentum for a fixed momentum (SILC)
     teacher_temp: float = 0.07  # DINO: warmed up from 0.04; above ~0.07 training is unstable
     koleo: float = 0.0  # weight of the KoLeo spreading term on the student's global features
     freeze_last_layer: float = 0.01  # fraction of the steps with the SSL prototype layers frozen
     n_local: int = 4  # local crops per image for ssl (DINO multi-crop)
+    caption_jitter: float = 0.4  # brightness/contrast/saturation jitter of the caption view (SLIP: 0)
     hue: float = 0.1  # DINO's hue jitter on the ssl-only views
     grayscale: float = 0.2  # DINO's grayscale probability on the ssl-only views
     image_size: int = 0  # 0 = the preset's resolution
@@ -95,8 +97,11 @@ def parse_args(argv):
         "batch_size": "images per process and step",
         "loss_weights": "task=weight pairs, e.g. clip=1,ssl=0.5,depth=0.5; dino= and ibot= weigh the two terms "
                         "of ssl on their own (e.g. ibot=0 for DINO alone)",
-        "teacher_momentum": "start of the EMA momentum schedule (to 1.0); 0.996 in DINO for long runs, "
+        "teacher_momentum": "start of the EMA momentum schedule (cosine to --teacher-momentum-end); 0.996 in DINO for long runs, "
                             "lower for short ones so the teacher keeps up",
+        "teacher_momentum_end": "end of the EMA momentum schedule: 1.0 as DINO (the teacher freezes at the end); "
+                                "equal to --teacher-momentum for a fixed momentum, as SILC keeps it so that the "
+                                "teacher goes on learning from the image-text loss",
         "teacher_temp": "final DINO/iBOT teacher temperature, warmed up from 0.04",
         "resume": "'latest' continues OUT/checkpoint.pt; or a checkpoint path",
         "toy_n": "number of toy-world training scenes made when --data is empty",
@@ -119,6 +124,8 @@ def parse_args(argv):
         "hue": "hue shift in +-HUE of the colour circle on the views only ssl reads (the second global view "
                "and the local crops; DINO: 0.1); the caption view never changes colour",
         "grayscale": "probability of grayscale on the views only ssl reads (DINO: 0.2)",
+        "caption_jitter": "brightness/contrast/saturation jitter (factors in 1 +- this) of the view the caption "
+                          "describes, with clip; the other views keep 0.4. SLIP gives its CLIP view none: 0",
         "image_size": "input resolution in pixels, a multiple of the patch size; 0 = the preset's",
         "out": "run folder: checkpoint.pt, metrics.jsonl, losses.png, config.json",
         "seed": "seed of the model's initialisation and the augmentations (not of the toy data)",
@@ -545,6 +552,9 @@ def check_config(cfg):
     for flag in ("steps", "batch_size", "log_every", "ckpt_every"):
         if getattr(cfg, flag) <= 0 and not (flag == "steps" and cfg.epochs > 0):
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(cfg, flag)}")
+    for flag in ("teacher_momentum", "teacher_momentum_end"):
+        if not 0 <= getattr(cfg, flag) <= 1:
+            fail(f"--{flag.replace('_', '-')} is an EMA momentum in [0, 1], got {getattr(cfg, flag)}")
     if not 0 <= cfg.freeze_last_layer < 1:
         fail(f"--freeze-last-layer is a fraction of the steps in [0, 1), got {cfg.freeze_last_layer}")
     patch = mtv.PRESETS[cfg.model].vision.patch_size
@@ -662,7 +672,8 @@ def setup(cfg):
     autocast = mtv.autocast(device, cfg.precision)
 
     aug = data.AugConfig(size=size, local_size=size // 2, n_local=cfg.n_local if "ssl" in tasks else 0,
-                         hue=cfg.hue, grayscale=cfg.grayscale, patch_size=model_cfg.vision.patch_size)
+                         caption_jitter=cfg.caption_jitter, hue=cfg.hue, grayscale=cfg.grayscale,
+                         patch_size=model_cfg.vision.patch_size)
     loader = make_loader(cfg, train_shards, tasks, model, aug, skip=step, seed=cfg.seed)
     val_loader = (make_loader(cfg, val_shards, tasks, model, aug, skip=0, seed=cfg.seed + 1,
                               repeat=False, workers=0) if val_shards else None)
@@ -706,7 +717,7 @@ def train_step(r, batch, lr, wd):
     grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)
     r.optimizer.step()
     if r.teacher is not None:
-        ema_update(r.teacher, r.model, cosine(r.step, r.total, cfg.teacher_momentum, 1.0))
+        ema_update(r.teacher, r.model, cosine(r.step, r.total, cfg.teacher_momentum, cfg.teacher_momentum_end))
     return loss, logs, grad_norm, temp
 
 

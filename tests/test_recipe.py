@@ -179,3 +179,16 @@ def test_ssl_terms_are_weighed_on_their_own(shards, tmp_path):
 def test_ssl_term_weights_need_ssl():
     with pytest.raises(SystemExit):
         train.parse_weights("ibot=0", ("clip",))
+
+
+def test_teacher_momentum_end_fixes_the_momentum(shards, tmp_path):
+    """--teacher-momentum m --teacher-momentum-end m keeps the EMA momentum at m (SILC); at 0 the
+    teacher is the student after every step. With the default end (1.0) the second step's momentum
+    is already above 0 and the teacher lags the student."""
+    for end, same in (("0", True), ("1", False)):
+        ckpt = run(shards, tmp_path / end, "ssl", "--steps", "2", "--teacher-momentum", "0",
+                   "--teacher-momentum-end", end, "--freeze-last-layer", "0")
+        student = {k[len("vision."):]: v for k, v in ckpt["model"].items() if k.startswith("vision.")}
+        teacher = {k[len("vision."):]: v for k, v in ckpt["teacher"].items() if k.startswith("vision.")}
+        assert student.keys() == teacher.keys()
+        assert all(torch.equal(student[k], teacher[k]) for k in student) == same, end

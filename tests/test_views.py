@@ -168,3 +168,16 @@ def test_dino_colour_augmentation_only_on_the_ssl_views():
     a = data.make_views(sample, np.random.default_rng(1), off, ("ssl",))
     b = data.make_views(sample, np.random.default_rng(1), off, ("ssl",))
     assert torch.equal(a["global"], b["global"]) and torch.equal(a["local"], b["local"])
+
+
+def test_caption_view_jitter_is_its_own():
+    """caption_jitter=0 (SLIP's CLIP view) leaves view 0 unjittered with clip, and only then: the
+    second global view keeps its jitter, and without clip view 0 is jittered as before."""
+    image = np.full((32, 32, 3), 100, np.uint8)
+    sample = {"key": "grey", "image": image, "caption": "a grey square"}
+    plain = torch.full((3, 32, 32), 100 / 127.5 - 1)
+    aug = data.AugConfig(size=32, local_size=16, n_local=0, caption_jitter=0.0, hue=0, grayscale=0)
+    v = data.make_views(sample, np.random.default_rng(0), aug, ("clip", "ssl"))
+    assert torch.allclose(v["global"][0], plain, atol=1e-5) and not torch.allclose(v["global"][1], plain, atol=1e-3)
+    v = data.make_views(sample, np.random.default_rng(0), aug, ("ssl",))
+    assert not torch.allclose(v["global"][0], plain, atol=1e-3)
