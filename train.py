@@ -429,9 +429,10 @@ def plot_losses(metrics_path, png_path, refs=None, labels=None):
 class Objectives(torch.nn.Module):
     """The enabled losses, with the state they carry (DINO and iBOT teacher centres)."""
 
-    def __init__(self, model, tasks, cfg, weights):
+    def __init__(self, model, tasks, cfg, weights=None):
         super().__init__()
-        self.tasks, self.cfg, self.weights = tasks, cfg, weights
+        self.tasks, self.cfg = tasks, cfg
+        self.weights = weights or parse_weights("", tasks)  # every task and ssl term at 1
         if "ssl" in tasks:
             self.dino = losses.DINOLoss(model.cfg.heads.dino_prototypes)
             self.ibot = losses.IBOTLoss(model.cfg.heads.ibot_prototypes)
