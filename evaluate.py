@@ -672,6 +672,8 @@ class Scores:
     def add(self, name, parts, reduce=ratio, chance=None, ceiling=None, paired=False):
         """paired: chance holds the parts of a baseline on the same test items, row for row (the
         position-only probe), so the row also gets its gain over it (paired_gain); else None."""
+        if len(parts) == 0:  # no test item of its kind (a tiny --n: e.g. no single-object scene)
+            return
         value, se, n = estimate(parts, reduce)
         as_float = lambda v: None if v is None else float(v if not torch.is_tensor(v) else reduce(v.sum(0)))
         gain, gain_se = paired_gain(parts, chance, reduce, lower_is_better(name)) if paired else (None, None)

@@ -154,8 +154,9 @@ def labelled_toy(root, n, size):
     data.write_shard(raw, ((f"{i:09d}", data.scene_members(data.render_scene(0, i, size), 0, i)) for i in range(n)))
     shard = os.path.join(root, "train-000000.tar")
     sim = pseudolabel.LabelConfig(raw, root, "simulated", "simulated")
-    pseudolabel.label_shard(raw, shard, {k: pseudolabel.load_expert(k, "simulated", sim, None)
-                                         for k in ("depth", "ground")}, None, sim, progress=lambda k: None)
+    experts = {k: pseudolabel.load_expert(k, "simulated", sim, None) for k in ("depth", "ground")}
+    experts["tagger"] = pseudolabel.SimulatedTagger(sim.noise, sim.seed)  # as pseudolabel.py's default here
+    pseudolabel.label_shard(raw, shard, experts, sim, progress=lambda k: None)
     return raw, shard, [data.decode_sample(k, m) for k, m in data.iter_tar(shard)]
 
 
@@ -371,13 +372,13 @@ def labelling_vs_step(args, step, raw_shard, root, rows):
         experts |= {"tiny random Depth Anything": ("depth", depth_dir), "tiny random OWLv2": ("ground", owl_dir)}
     except ImportError:
         print("transformers is not installed: the real experts' rows are left out", file=sys.stderr)
-    loaded = {name: {"depth": None, "ground": None} | {kind: pseudolabel.load_expert(kind, path, cfg, args.device)}
-              for name, (kind, path) in experts.items()}
+    loaded = {name: {"depth": None, "ground": None, "tagger": pseudolabel.CaptionTagger()}  # the real path's names
+              | {kind: pseudolabel.load_expert(kind, path, cfg, args.device)} for name, (kind, path) in experts.items()}
     n = data.count_samples([raw_shard])
     out = os.path.join(root, "labelled-by-one.tar")
 
     def label(which):
-        pseudolabel.label_shard(raw_shard, out, which, None, cfg, progress=lambda k: None)
+        pseudolabel.label_shard(raw_shard, out, which, cfg, progress=lambda k: None)
 
     for which in loaded.values():
         label(which)  # warm-up: first calls build caches and kernels

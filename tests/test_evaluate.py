@@ -637,3 +637,12 @@ def test_siglip_directory(tmp_path):
     assert results["tasks"] == ["clip"] and results["seed"] is None
     assert "zs_shape_acc" in results["metrics"] and "zsdepth_absrel" not in results["metrics"]
     assert (tmp_path / "siglip" / "eval" / "results.json").is_file()
+
+
+def test_a_metric_without_test_items_is_left_out():
+    """A tiny --n can hold no scene of a kind (no single-object scene: no zero-shot colour); the
+    metric is left out instead of a bootstrap over nothing."""
+    m = E.Scores()
+    m.add("zs_color_acc", E.hits(torch.zeros(0, dtype=torch.bool)), chance=0.125, ceiling=1.0)
+    m.add("zs_shape_acc", E.hits(torch.ones(3, dtype=torch.bool)), chance=0.25, ceiling=1.0)
+    assert list(m.rows) == ["zs_shape_acc"] and m.rows["zs_shape_acc"]["value"] == 1.0
