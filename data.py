@@ -810,7 +810,11 @@ class AugConfig:
     hue: float = 0.1
     grayscale: float = 0.2
     min_visible: float = 0.3                # a box survives a crop if this much of its area does
-    mask_ratio: tuple = (0.1, 0.5)          # iBOT: fraction of view 1's patches masked
+    mask_ratio: tuple = (0.1, 0.5)          # iBOT: fraction of the last global view's patches masked
+    # With clip and ssl: "shared" = DINO's two global views are the caption view and one more (the
+    # caption view is scored by SigLIP and self-distilled); "separate" = two more global views for
+    # ssl alone and the caption view for clip, depth and ground only (SigLIP 2's split).
+    ssl_views: str = "shared"
     patch_size: int = 8
 
 
@@ -926,7 +930,8 @@ def make_views(sample, rng, aug, tasks):
     """One decoded sample -> the tensors the enabled tasks train on (see the keys below).
 
     Global view 0 carries every label (depth, boxes); with "ssl" a second global view (masked for
-    iBOT) and `n_local` small local crops are added, as in DINO's multi-crop.
+    iBOT) and `n_local` small local crops are added, as in DINO's multi-crop. With clip and
+    aug.ssl_views == "separate" two ssl views follow view 0 (3 global views): ssl reads the last two.
     """
     tasks = set(tasks)
     for task, label, member in (("depth", "depth", "depth.png"), ("ground", "ground", "ground.json")):
@@ -954,7 +959,10 @@ def make_views(sample, rng, aug, tasks):
                                else aug.caption_jitter)
     out = {"caption": mirror_caption(sample["caption"]) if flipped else sample["caption"], **geo}
     if "ssl" in tasks:
-        out["global"] = torch.stack([first, view(aug.global_scale, aug.size, ssl_only=True)[0]])  # (2, 3, S, S)
+        separate = aug.ssl_views == "separate" and "clip" in tasks
+        n_ssl = 2 if separate else 1                           # ssl views beyond the caption view
+        out["global"] = torch.stack([first] + [view(aug.global_scale, aug.size, ssl_only=True)[0]
+                                               for _ in range(n_ssl)])  # (2 or 3, 3, S, S): ssl reads the last 2
         if aug.n_local:
             out["local"] = torch.stack([view(aug.local_scale, aug.local_size, ssl_only=True)[0]
                                         for _ in range(aug.n_local)])               # (n_local, 3, s, s)

@@ -561,11 +561,14 @@ class MTV(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         tasks, out = self.tasks, {}
-        views = batch["global"]  # (G*B, 3, S, S) view-major: view 0 of every image, then view 1
-        b = len(views) // (2 if "ssl" in tasks else 1)
+        views = batch["global"]  # (G*B, 3, S, S) view-major: view 0 of every image, then view 1, ...
+        # ssl reads the last two global views (DINO's pair; iBOT masks the last): views 0 and 1, or
+        # with separate ssl views (data.AugConfig.ssl_views) views 1 and 2 after the caption view 0.
+        b = len(batch["ibot_mask"]) if "ssl" in tasks else len(views)
         mask = None
-        if "ssl" in tasks:  # iBOT masks view 1 only; view 0 stays clean for clip, depth and ground
-            mask = torch.cat([torch.zeros_like(batch["ibot_mask"]), batch["ibot_mask"]])  # (2B, N)
+        if "ssl" in tasks:  # the caption view stays clean for clip, depth and ground
+            m = batch["ibot_mask"]  # (B, N)
+            mask = torch.cat([m.new_zeros((len(views) - b, m.shape[1])), m])  # (G*B, N)
         layers = self.depth_head.layers if "depth" in tasks else ()
         vis = self.vision(views, mask=mask, layers=layers, pool="clip" in tasks or "ssl" in tasks)
         if "clip" in tasks:
@@ -573,11 +576,11 @@ class MTV(nn.Module):
             out["img"] = F.normalize(vis["pooled"][:b], dim=-1)  # (B, D)
             out["txt"] = self.encode_text(batch["text"])  # (B, D)
         if "ssl" in tasks:
-            out["dino_global"] = self.dino_head(vis["pooled"])  # (2B, K)
-            out["pooled"] = vis["pooled"]  # (2B, W) student global features, for KoLeo
+            out["dino_global"] = self.dino_head(vis["pooled"][-2 * b:])  # (2B, K)
+            out["pooled"] = vis["pooled"][-2 * b:]  # (2B, W) student global features, for KoLeo
             if "local" in batch:  # DINO multi-crop; without local crops only the two global views pair up
                 out["dino_local"] = self.dino_head(self.vision(batch["local"])["pooled"])  # (L*B, K)
-            out["ibot"] = self.ibot_head(vis["patch"][b:])  # (B, N, K') masked view 1
+            out["ibot"] = self.ibot_head(vis["patch"][-b:])  # (B, N, K') masked last view
         if "depth" in tasks:
             out["depth"] = self.depth_head(self.depth_taps([x[:b] for x in vis["layers"]]), self._grid(views),
                                            views.shape[-2:])
@@ -675,9 +678,9 @@ class SSLTeacher(nn.Module):
         self.vision, self.dino_head, self.ibot_head = vision, dino_head, ibot_head
 
     def forward(self, batch: dict) -> dict:
-        views = batch["global"]  # (2B, 3, S, S), unmasked: the teacher sees every patch
-        vis = self.vision(views)
-        return {"dino_global": self.dino_head(vis["pooled"]), "ibot": self.ibot_head(vis["patch"][len(views) // 2:])}
+        b = len(batch["ibot_mask"])
+        vis = self.vision(batch["global"][-2 * b:])  # the two ssl views, unmasked: the teacher sees every patch
+        return {"dino_global": self.dino_head(vis["pooled"]), "ibot": self.ibot_head(vis["patch"][b:])}
 
 
 def _siglip_names(model: MTV) -> dict:

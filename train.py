@@ -64,6 +64,9 @@ class TrainConfig:
     koleo: float = 0.0  # weight of the KoLeo spreading term on the student's global features
     freeze_last_layer: float = 0.01  # fraction of the steps with the SSL prototype layers frozen
     n_local: int = 4  # local crops per image for ssl (DINO multi-crop)
+    prototypes: int = 0  # DINO and iBOT prototypes K each; 0 = the preset's
+    ssl_start: float = 0.0  # fraction of the steps before ssl joins (SigLIP 2: 0.8)
+    ssl_views: str = "shared"  # shared: DINO's first global view is the caption view; separate: SigLIP 2
     caption_jitter: float = 0.4  # brightness/contrast/saturation jitter of the caption view (SLIP: 0)
     hue: float = 0.1  # DINO's hue jitter on the ssl-only views
     grayscale: float = 0.2  # DINO's grayscale probability on the ssl-only views
@@ -121,6 +124,16 @@ def parse_args(argv):
         "weight_decay_end": "weight decay at the last step",
         "grad_clip": "clip the global gradient norm to this value",
         "n_local": "DINO local crops per image (half the image size each), with ssl only",
+        "prototypes": "prototypes K of the DINO head and of the iBOT head each (the output width of their "
+                      "softmax); 0 = the preset's (micro: 1024 and 512; DINO uses 65536 for ImageNet)",
+        "ssl_start": "fraction of the steps (0..1) before the ssl losses join: until then no ssl loss and no "
+                     "teacher update; at it the teacher is set to the student and the teacher's schedules "
+                     "(momentum, temperature warmup, frozen prototypes) run over the remaining steps. "
+                     "SigLIP 2 adds its self-distillation at 0.8",
+        "ssl_views": "which global views ssl reads, with clip: shared = the caption view and one more (DINO's "
+                     "two global views, the first also scored by SigLIP); separate = two views of their own, "
+                     "the caption view serving only clip, depth and ground (SigLIP 2 keeps SigLIP on the clean "
+                     "image and self-distils other views; one more global view per image)",
         "hue": "hue shift in +-HUE of the colour circle on the views only ssl reads (the second global view "
                "and the local crops; DINO: 0.1); the caption view never changes colour",
         "grayscale": "probability of grayscale on the views only ssl reads (DINO: 0.2)",
@@ -149,6 +162,8 @@ def parse_args(argv):
             p.add_argument(name, choices=mtv.PRECISIONS, default=default, help=helps[f])
         elif f == "captions":
             p.add_argument(name, choices=tuple(data.CAPTIONS), default=default, help=helps[f])
+        elif f == "ssl_views":
+            p.add_argument(name, choices=("shared", "separate"), default=default, help=helps[f])
         else:
             p.add_argument(name, type=type(default), default=default, help=helps.get(f))
     return TrainConfig(**vars(p.parse_args(argv)))
@@ -445,7 +460,7 @@ class Objectives(torch.nn.Module):
                                    out["logit_bias"].float())
             parts["clip"] = d["clip"]
             logs.update(d)
-        if "ssl" in self.tasks:
+        if "ssl" in self.tasks and target is not None:  # no target before --ssl-start
             d = self.dino(out["dino_global"].float(), out.get("dino_local"),
                           target["dino_global"].float(), teacher_temp)
             d.update(self.ibot(out["ibot"].float(), target["ibot"].float(), batch["ibot_mask"],
@@ -556,6 +571,14 @@ def check_config(cfg):
     for flag in ("teacher_momentum", "teacher_momentum_end"):
         if not 0 <= getattr(cfg, flag) <= 1:
             fail(f"--{flag.replace('_', '-')} is an EMA momentum in [0, 1], got {getattr(cfg, flag)}")
+    if not 0 <= cfg.ssl_start < 1:
+        fail(f"--ssl-start is a fraction of the steps in [0, 1), got {cfg.ssl_start}")
+    if cfg.ssl_start > 0 and tasks == ("ssl",):
+        fail("--ssl-start needs another task to train before ssl joins; with --tasks ssl alone leave it at 0")
+    if cfg.ssl_views not in ("shared", "separate"):
+        fail(f"--ssl-views is 'shared' or 'separate', got {cfg.ssl_views!r}")
+    if cfg.prototypes < 0:
+        fail(f"--prototypes must be positive (or 0 for the preset's), got {cfg.prototypes}")
     if not 0 <= cfg.freeze_last_layer < 1:
         fail(f"--freeze-last-layer is a fraction of the steps in [0, 1), got {cfg.freeze_last_layer}")
     patch = mtv.PRESETS[cfg.model].vision.patch_size
@@ -603,6 +626,8 @@ def setup(cfg):
     model_cfg = mtv.build_config(cfg.model)
     if cfg.image_size:
         model_cfg.vision.image_size = cfg.image_size
+    if cfg.prototypes:
+        model_cfg.heads.dino_prototypes = model_cfg.heads.ibot_prototypes = cfg.prototypes
     size = model_cfg.vision.image_size
     # The sigmoid losses start at the prior log-odds of their global batch (see HeadConfig): B
     # captions per image for clip, about NAMES_PER_IMAGE * B names per name for ground.
@@ -664,9 +689,9 @@ def setup(cfg):
         with open(metrics_path, "w") as f:
             f.writelines(kept)
 
-    # Without clip and ssl nothing reads the attention-pool head:
-    # DDP must then be told that some parameters get no gradient.
-    unused = not {"clip", "ssl"} & set(tasks)
+    # Without clip and ssl nothing reads the attention-pool head, and before --ssl-start nothing
+    # reads the ssl heads: DDP must then be told that some parameters get no gradient.
+    unused = not {"clip", "ssl"} & set(tasks) or ("ssl" in tasks and cfg.ssl_start > 0)
     ddp = (DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
            if world > 1 else model)
     student = torch.compile(ddp) if cfg.compile else ddp
@@ -674,6 +699,7 @@ def setup(cfg):
 
     aug = data.AugConfig(size=size, local_size=size // 2, n_local=cfg.n_local if "ssl" in tasks else 0,
                          caption_jitter=cfg.caption_jitter, hue=cfg.hue, grayscale=cfg.grayscale,
+                         ssl_views=cfg.ssl_views,
                          patch_size=model_cfg.vision.patch_size)
     loader = make_loader(cfg, train_shards, tasks, model, aug, skip=step, seed=cfg.seed)
     val_loader = (make_loader(cfg, val_shards, tasks, model, aug, skip=0, seed=cfg.seed + 1,
@@ -698,27 +724,38 @@ def frozen_prototypes(model):
     return [p for n, p in model.named_parameters() if ".last_layer." in n and p.requires_grad]
 
 
+def ssl_phase(r):
+    """(first step of the ssl losses, number of steps they run for): --ssl-start F delays them to a
+    fraction F of the run (SigLIP 2: 0.8), and the teacher's schedules then run over what is left."""
+    start = round(r.cfg.ssl_start * r.total)
+    return start, max(r.total - start, 1)
+
+
 def train_step(r, batch, lr, wd):
     """One optimizer step; returns (loss, per-task log values, gradient norm, teacher temperature)."""
     cfg = r.cfg
     for g in r.optimizer.param_groups:
         g["lr"] = lr
         g["weight_decay"] = wd if g["decay"] else 0.0
+    start, span = ssl_phase(r)
+    ssl_on = r.teacher is not None and r.step >= start
+    if ssl_on and r.step == start > 0:
+        ema_update(r.teacher, r.model, 0.0)  # SigLIP 2: the teacher starts as a copy of the student
     with r.autocast:
         out = r.student(batch)
-        target = r.teacher(batch) if r.teacher is not None else None
-    temp = losses.teacher_temp_schedule(r.step, int(0.3 * r.total), 0.04, cfg.teacher_temp)
+        target = r.teacher(batch) if ssl_on else None  # no target: Objectives leaves ssl out
+    temp = losses.teacher_temp_schedule(max(r.step - start, 0), int(0.3 * span), 0.04, cfg.teacher_temp)
     parts, logs = r.objectives(out, target, batch, temp)
     loss = sum(r.weights[k] * v for k, v in parts.items())  # per task; ssl's terms are weighed inside
     r.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if r.step < cfg.freeze_last_layer * r.total:  # DINO: the first epoch; here a fraction of the steps
+    if r.step < start + cfg.freeze_last_layer * span:  # DINO: the first epoch; here a fraction of the steps
         for p in frozen_prototypes(r.model):
             p.grad = None  # AdamW skips a parameter without a gradient: no update, no decay
     grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)
     r.optimizer.step()
-    if r.teacher is not None:
-        ema_update(r.teacher, r.model, cosine(r.step, r.total, cfg.teacher_momentum, cfg.teacher_momentum_end))
+    if ssl_on:
+        ema_update(r.teacher, r.model, cosine(r.step - start, span, cfg.teacher_momentum, cfg.teacher_momentum_end))
     return loss, logs, grad_norm, temp
 
 
@@ -750,7 +787,8 @@ def train_loop(r):
                    "ms_per_step": 1000 * dt, "img_per_s": cfg.batch_size * r.world / dt,
                    "mem_gb": memory_gb(r.device)}
             if r.val_loader is not None and (r.step % (cfg.val_every or cfg.ckpt_every) == 0 or last):
-                row.update(validate(r.model, r.teacher, r.objectives, r.val_loader, cfg.val_batches, r.device,
+                teacher = r.teacher if r.step > ssl_phase(r)[0] else None  # ssl not started: no ssl losses
+                row.update(validate(r.model, teacher, r.objectives, r.val_loader, cfg.val_batches, r.device,
                                     r.autocast, temp))
             if r.rank == 0:
                 with open(r.metrics_path, "a") as f:
