@@ -192,3 +192,72 @@ def test_teacher_momentum_end_fixes_the_momentum(shards, tmp_path):
         teacher = {k[len("vision."):]: v for k, v in ckpt["teacher"].items() if k.startswith("vision.")}
         assert student.keys() == teacher.keys()
         assert all(torch.equal(student[k], teacher[k]) for k in student) == same, end
+
+
+def test_ssl_joins_at_ssl_start(shards, tmp_path, monkeypatch):
+    """--ssl-start 0.5 of 4 steps: steps 1-2 train clip alone (no ssl loss logged, the loss is clip's)
+    and leave the teacher at its initialisation; at step 3 the teacher is first set to the student
+    (momentum 0, SigLIP 2), then follows it by EMA after steps 3 and 4."""
+    init = mtv.MTV.initialised(mtv.config_from_dict(run(shards, tmp_path / "ref", "clip,ssl")["model_config"]["config"]),
+                               ("clip", "ssl"), 0)
+    start_teacher = {k: v.clone() for k, v in init.ssl_teacher().state_dict().items()}
+    calls = []
+    real = train.ema_update
+
+    def spy(teacher, student, momentum):
+        before = teacher.state_dict()
+        calls.append((momentum, all(torch.equal(before[k], start_teacher[k]) for k in before)))
+        real(teacher, student, momentum)
+        if momentum == 0.0:  # the copy: teacher equals student, parameter for parameter
+            s = dict(student.named_parameters())
+            assert all(torch.equal(p, s[n]) for n, p in teacher.named_parameters())
+
+    monkeypatch.setattr(train, "ema_update", spy)
+    run(shards, tmp_path / "late", "clip,ssl", "--steps", "4", "--ssl-start", "0.5")
+    with open(tmp_path / "late" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [("dino" in r, "ibot" in r) for r in rows] == [(False, False)] * 2 + [(True, True)] * 2
+    assert rows[0]["loss"] == pytest.approx(rows[0]["clip"], rel=1e-6)
+    assert [m for m, _ in calls][:1] == [0.0] and len(calls) == 3 and 0 < calls[1][0] < 1
+    assert calls[0][1], "the teacher moved before --ssl-start"
+    with pytest.raises(SystemExit):  # nothing to train before ssl joins
+        train.check_config(train.TrainConfig(tasks="ssl", ssl_start=0.5))
+
+
+def test_separate_ssl_views(shards, tmp_path):
+    """--ssl-views separate (SigLIP 2): with clip, ssl reads two views of its own after the caption
+    view, so the caption view's pixels move SigLIP's image embedding but not DINO's outputs; with
+    shared views (DINO's pair) they move both. Without clip there is no caption view to keep apart."""
+    sample = sample_with_relation()
+    shapes = {}
+    for views in ("shared", "separate"):
+        aug = data.AugConfig(size=32, local_size=16, n_local=2, ssl_views=views)
+        shapes[views] = [data.make_views(sample, np.random.default_rng(0), aug, t)["global"].shape[0]
+                         for t in (("clip", "ssl"), ("ssl",))]
+    assert shapes == {"shared": [2, 2], "separate": [3, 2]}
+    cfg = mtv.build_config("micro")
+    cfg.vision.image_size = 32
+    model = mtv.MTV.initialised(cfg, ("clip", "ssl"), 0).eval()
+    teacher = model.ssl_teacher().eval()
+    for g, moves_ssl in ((2, True), (3, False)):
+        b = 2
+        batch = {"global": torch.randn(g * b, 3, 32, 32), "local": torch.randn(2 * b, 3, 16, 16),
+                 "ibot_mask": torch.zeros(b, 16, dtype=torch.bool), "text": model.tokenize(["a", "b"])}
+        batch["ibot_mask"][:, :3] = True
+        edited = {**batch, "global": batch["global"].clone()}
+        edited["global"][:b] += 1.0  # the caption view of both images
+        with torch.no_grad():
+            a, e = model(batch), model(edited)
+            ta, te = teacher(batch), teacher(edited)
+        assert not torch.allclose(a["img"], e["img"])
+        assert (not torch.allclose(a["dino_global"], e["dino_global"])) == moves_ssl, g
+        assert (not torch.allclose(ta["dino_global"], te["dino_global"])) == moves_ssl, g
+        assert torch.allclose(a["ibot"], e["ibot"]) and a["dino_global"].shape[0] == 2 * b
+
+
+def test_prototypes_flag_sets_both_heads(shards, tmp_path):
+    ck = run(shards, tmp_path / "k", "ssl", "--prototypes", "24")
+    heads = ck["model_config"]["config"]["heads"]
+    assert heads["dino_prototypes"] == heads["ibot_prototypes"] == 24
+    assert ck["model"]["dino_head.last_layer.parametrizations.weight.original1"].shape[0] == 24
+    assert mtv.load_model(tmp_path / "k" / "checkpoint.pt").dino_head.last_layer.out_features == 24
