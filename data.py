@@ -1020,6 +1020,110 @@ def collate(samples, tokenize):
 
 
 # -----------------------------------------------------------------------------
+# Real benchmarks as their users download them: readers for evaluate.py. Each returns plain
+# lists and arrays and raises BenchmarkError with one line naming what is missing or malformed.
+
+
+class BenchmarkError(ValueError):
+    """A benchmark folder that is not in the layout its reader expects (evaluate.py: exit 2)."""
+
+
+def read_json(path, flag):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise BenchmarkError(f"{flag}: cannot read {path} ({type(e).__name__}: {e})") from None
+
+
+def need_files(paths, flag, what):
+    if missing := [p for p in paths if not os.path.isfile(p)]:
+        raise BenchmarkError(f"{flag}: {len(missing)} {what} missing, e.g. {missing[0]}")
+
+
+def pad_square(image, fill=255):
+    """uint8 (h, w, 3) -> (s, s, 3), s = max(h, w), padded at the bottom and right with `fill`
+    (Probe3D pads SPair images so, with white), so that a keypoint keeps its pixel coordinates."""
+    h, w = image.shape[:2]
+    s = max(h, w)
+    return np.pad(image, ((0, s - h), (0, s - w), (0, 0)), constant_values=fill)
+
+
+SPAIR_PER_CLASS = 200  # Probe3D draws 200 test pairs per class (seed 20); 0 = every pair
+SPAIR_SEED = 20
+
+
+def read_spair(root, split="test", per_class=SPAIR_PER_CLASS, seed=SPAIR_SEED):
+    """SPair-71k as distributed: ROOT/PairAnnotation/{trn,val,test}/*.json, one pair each (category,
+    src_imname, trg_imname, src_kps and trg_kps: the keypoints both images show, [x, y] pixels in
+    the same order, trg_bndbox: the target object's box x0, y0, x1, y1), images at
+    ROOT/JPEGImages/CATEGORY/NAME. Per class, the sorted pair files are shuffled with `seed` and the
+    first `per_class` kept (Probe3D's subsample; its own order comes from an unsorted glob). Returns
+    a list of dicts: category, src, trg (paths), src_kps, trg_kps ((K, 2) float arrays), trg_box,
+    src_side, trg_side (the longer image side, by which Probe3D's square padding scales points)."""
+    flag = "--spair"
+    files = sorted(glob.glob(os.path.join(root, "PairAnnotation", split, "*.json")))
+    if not files:
+        raise BenchmarkError(f"{flag} {root}: no pair annotations PairAnnotation/{split}/*.json (SPair-71k layout)")
+    by_class = {}
+    for f in files:
+        a = read_json(f, flag)
+        try:
+            cat = a["category"]
+            pair = {"category": cat, "src": os.path.join(root, "JPEGImages", cat, a["src_imname"]),
+                    "trg": os.path.join(root, "JPEGImages", cat, a["trg_imname"]),
+                    "src_kps": np.asarray(a["src_kps"], np.float64).reshape(-1, 2),
+                    "trg_kps": np.asarray(a["trg_kps"], np.float64).reshape(-1, 2),
+                    "trg_box": [float(v) for v in a["trg_bndbox"]]}
+        except (KeyError, TypeError, ValueError) as e:
+            raise BenchmarkError(f"{flag}: {f} is not an SPair pair annotation ({type(e).__name__}: {e})") from None
+        if len(pair["src_kps"]) != len(pair["trg_kps"]) or len(pair["trg_box"]) != 4:
+            raise BenchmarkError(f"{flag}: {f} has unequal src_kps and trg_kps or a box without 4 numbers")
+        by_class.setdefault(cat, []).append(pair)
+    pairs = []
+    for cat in sorted(by_class):
+        chosen = by_class[cat]
+        if per_class:
+            order = np.random.default_rng(seed).permutation(len(chosen))[:per_class]
+            chosen = [chosen[i] for i in sorted(order)]
+        pairs += chosen
+    need_files(sorted({p[k] for p in pairs for k in ("src", "trg")}), flag, "images listed in PairAnnotation are")
+    sides = {}
+    for p in pairs:
+        for k in ("src", "trg"):
+            if p[k] not in sides:
+                with Image.open(p[k]) as im:
+                    sides[p[k]] = max(im.size)
+            p[k + "_side"] = sides[p[k]]
+    return pairs
+
+
+def read_coco_karpathy(root, karpathy=None):
+    """COCO retrieval's 5k test images: Karpathy's dataset_coco.json (ROOT/dataset_coco.json or the
+    file given) lists every image with its split and sentences; the 5,000 of split "test" and all
+    their captions (5 or more each) are the benchmark. Images at ROOT/<filepath>/<filename>
+    (val2014/COCO_val2014_*.jpg as distributed). Returns (image paths, captions, owner) with
+    owner[j] the image of caption j."""
+    flag = "--coco"
+    path = karpathy or os.path.join(root, "dataset_coco.json")
+    spec = read_json(path, flag)
+    try:
+        test = [im for im in spec["images"] if im["split"] == "test"]
+        files = [os.path.join(root, im.get("filepath", ""), im["filename"]) for im in test]
+        captions, owner = [], []
+        for i, im in enumerate(test):
+            for sent in im["sentences"]:
+                captions.append(sent["raw"])
+                owner.append(i)
+    except (KeyError, TypeError) as e:
+        raise BenchmarkError(f"{flag}: {path} is not Karpathy's dataset_coco.json ({type(e).__name__}: {e})") from None
+    if not test:
+        raise BenchmarkError(f"{flag}: {path} lists no image of split 'test'")
+    need_files(files, flag, "test images of dataset_coco.json are")
+    return files, captions, owner
+
+
+# -----------------------------------------------------------------------------
 # Command line: write toy-world shards, or preview a shard
 
 def generate(out, n, val_n=0, size=64, seed=0, shard_size=1000, captions="web"):

@@ -7,7 +7,7 @@ protocol has a toy twin; at the default 2,000 scenes a `micro` model at 32 px is
 minute on one CPU core (65 s for an ssl model). The same code runs on real data.
 
     python evaluate.py CHECKPOINT [--data GLOB] [--n N] [--init] [--out DIR] [--device DEV]
-    python evaluate.py CHECKPOINT --imagenet DIR --coco DIR --nyu DIR --ade DIR
+    python evaluate.py CHECKPOINT --imagenet DIR --coco DIR --spair DIR --nyu DIR --ade DIR
     python evaluate.py --compare RUN_DIR ... [--out DIR]
 
 CHECKPOINT is a train.py checkpoint.pt, or a directory with a
@@ -55,25 +55,28 @@ last 1/3 test them; zero-shot, retrieval, correspondence and grounding use every
   zsdepth_{absrel,delta1}      depth head, scale-shift aligned in inverse depth            KITTI/NYU zero-shot
   ground_acc, ground_name_acc  name -> its box among the image's boxes; box -> name        grounding
 
-Real data (any subset; only those run, add --data to also run the toy world). Images are resized
-to the model's square input without a crop (as SiglipImageProcessor), dense labels to the same
-grid (nearest) and scored there; probe splits are by sorted file name. These are our protocols,
-not the official ones (NYUv2: Eigen split with its crop at 480x640; ADE20K: official train/val
-split, 512-px sliding window): numbers are comparable between our runs, not with papers.
-  --imagenet DIR  DIR/train/CLASS/*.jpg and DIR/val/CLASS/*.jpg (also .png/.jpeg) ->
-                  in_zs_acc (an ensemble of 32 prompt templates), in_lin_acc, in_knn_acc.
-                  Class names: --class-names FILE, else DIR/LOC_synset_mapping.txt (both "FOLDER
-                  name, synonym, ..." per line), else for WordNet-id folders (n02123045) timm's
-                  ImageNet metadata, else the folder names with _ as spaces; a WordNet id never
-                  goes into a prompt
-  --coco DIR      DIR/captions.json = {"images": [{"id", "file_name"}], "annotations":
-                  [{"image_id", "caption"}]} (COCO captions format), images at DIR/file_name
-                  -> coco_{i2t,t2i}_r{1,5}
+Real data (any subset; only those run, add --data to also run the toy world), each read in the
+layout it is distributed in (readers in data.py; a folder that is not gets one line and exit 2).
+Images are resized to the model's square input (bicubic, as SiglipImageProcessor) unless the
+protocol says otherwise. README "Real benchmarks" tables each protocol's source and what differs.
+  --imagenet DIR  ILSVRC2012: DIR/val/WNID/*.JPEG (enough for zero-shot) and optionally
+                  DIR/train/WNID/*.JPEG -> in_zs_acc (CLIP's class names and 80 templates + the
+                  bare name, from open_clip; lower-cased for a SigLIP tokenizer), with train/ also
+                  in_lin_acc, in_knn_acc. --class-names FILE ("FOLDER name" per line) overrides
+                  the names; folders that are not WordNet ids are used as names
+  --coco DIR      DIR/dataset_coco.json (Karpathy's splits) and DIR/val2014/*.jpg: the 5,000 "test"
+                  images and all their captions -> coco_{i2t,t2i}_r{1,5,10}
+  --spair DIR     SPair-71k: DIR/PairAnnotation/test/*.json, DIR/JPEGImages/CLASS/*.jpg; 200 pairs
+                  per class (seed 20, as Probe3D), each image padded to a square and resized,
+                  keypoints transferred by nearest neighbour of final-layer patch features ->
+                  spair_pck (PCK@0.1 of the target box, mean over classes)
   --nyu DIR       DIR/NAME.jpg|png with DIR/NAME_depth.png (16-bit, millimetres, 0 = missing) or
                   DIR/NAME_depth.npy (float metres); first 2/3 by name train the probe; depth
                   capped at 10 m -> nyu_probe_{rmse,absrel}, nyu_zsdepth_{absrel,delta1}
+                  (not yet the Eigen split and crop)
   --ade DIR       DIR/images/NAME.jpg with DIR/annotations/NAME.png (8-bit class index, 0 =
-                  unlabelled, as ADE20K); first 2/3 by name train the probe -> ade_miou
+                  unlabelled, as ADE20K); first 2/3 by name train the probe -> ade_miou (not yet
+                  the official split and a trained linear head)
 
 Outputs: OUT/results.json (tasks, seed, init, flat metrics with se, chance, ceiling and n, which
 are lower-is-better, skipped protocols) and OUT/results.md; OUT defaults to <checkpoint
@@ -116,18 +119,6 @@ TOY_SEED = 987_654  # the in-memory toy val set; train.py's toy worlds use the r
 TOY_N = 2000  # scenes: the standard error of a 25 %-chance accuracy on the 667 probe-test scenes is ~0.017
 CORR_SEED = 1  # the crops and flips that make the second view for correspondence
 TOY_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.")  # the toy captions' own words
-# A CLIP-style prompt ensemble for real photos (CLIP averages 80; these 32 are written for this
-# project in the same spirit: photo kinds, sizes, qualities, renderings).
-TEMPLATES = (
-    "a photo of a {}.", "a photo of the {}.", "a good photo of a {}.", "a bad photo of a {}.",
-    "a close-up photo of a {}.", "a cropped photo of a {}.", "a bright photo of a {}.",
-    "a dark photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of a {}.",
-    "a jpeg photo of a {}.", "a photo of a small {}.", "a photo of a large {}.", "a photo of one {}.",
-    "a photo of many {}.", "a photo of my {}.", "a photo of a clean {}.", "a photo of a dirty {}.",
-    "a drawing of a {}.", "a painting of a {}.", "a sketch of a {}.", "a sculpture of a {}.",
-    "a rendering of a {}.", "a cartoon {}.", "a toy {}.", "a plastic {}.", "an origami {}.",
-    "a tattoo of a {}.", "graffiti of a {}.", "a black and white photo of a {}.", "itap of a {}.",
-    "a {} in a video game.")
 RIDGE_LAMBDA = 1e-2  # on standardised features, relative to the per-sample Gram matrix
 LOGREG_WD = 1e-3  # L2 on the weights of the logistic-regression probes
 LBFGS_STEPS = 100  # full-batch L-BFGS iterations, from zeros: the probes are deterministic
@@ -144,10 +135,11 @@ STANDS_FOR = {  # metric-name prefix -> the paper's benchmark the protocol stand
     "zs_": "ImageNet zero-shot", "ret_": "COCO retrieval", "lin_": "linear probing", "obj_": "linear probing",
     "depth_probe_": "NYUv2 depth probe", "seg_": "ADE20K segmentation",
     "corr_": "NAVI / SPair correspondence", "zsdepth_": "zero-shot depth (KITTI / NYU)",
-    "ground_": "grounding", "in_": "ImageNet", "coco_": "COCO", "nyu_": "NYUv2", "ade_": "ADE20K"}
+    "ground_": "grounding", "in_": "ImageNet", "coco_": "COCO", "nyu_": "NYUv2", "ade_": "ADE20K",
+    "spair_": "SPair-71k"}
 KEY_METRICS = (  # Figure 1's columns, in its order, then the rest of ours
     "zs_color_acc", "zs_shape_acc", "zs_present_acc", "in_zs_acc", "ret_i2t_r1", "ret_i2t_r5", "coco_i2t_r1",
-    "seg_miou", "seg_obj_miou", "seg_ml_miou", "seg_ml_obj_miou", "ade_miou", "corr_recall", "depth_probe_rmse",
+    "seg_miou", "seg_obj_miou", "seg_ml_miou", "seg_ml_obj_miou", "ade_miou", "corr_recall", "spair_pck", "depth_probe_rmse",
     "depth_probe_obj_rmse", "depth_probe_ml_rmse", "depth_probe_ml_obj_rmse", "nyu_probe_rmse", "zsdepth_absrel",
     "ground_acc", "lin_shape_acc", "lin_count_acc", "obj_shape_acc", "obj_color_acc", "obj_shape_ml_acc",
     "obj_color_ml_acc")
@@ -184,15 +176,20 @@ def absrel_of(t):
     return t[..., 1] / t[..., 2]
 
 
+def class_mean(t):
+    """Reducer: parts (n, 2C) [hits per class | count per class] -> mean over the classes that have
+    any count of hits / count (SPair: PCK per class, then the mean over classes)."""
+    C = t.shape[-1] // 2
+    return torch.where(t[..., C:] > 0, t[..., :C] / t[..., C:].clamp(min=1e-12), torch.nan).nanmean(-1)
+
+
 def miou_of(t, classes=None):
     """Reducer of seg_parts: mean over classes (all, or those listed) of intersection / union over
     the whole set (as ADE20K); classes absent from both prediction and truth do not count."""
     C = t.shape[-1] // 2
-    inter, union = t[..., :C], t[..., C:]
     if classes is not None:
-        inter, union = inter[..., list(classes)], union[..., list(classes)]
-    iou = inter / union.clamp(min=1e-12)
-    return torch.where(union > 0, iou, torch.nan).nanmean(-1)
+        t = torch.cat([t[..., list(classes)], t[..., [C + c for c in classes]]], -1)
+    return class_mean(t)
 
 
 def estimate(parts, reduce=ratio, n_boot=N_BOOT, seed=BOOT_SEED):
@@ -505,7 +502,7 @@ def embed_names(model, names, device):
         return model.encode_text(data.tokenize_names(model.tokenize, names).to(device)).float().cpu()
 
 
-def embed_classes(model, names, device, templates=TEMPLATES):
+def embed_classes(model, names, device, templates):
     """(C, D): each class is the mean of its prompts' embeddings, renormalised (CLIP's ensembling)."""
     e = embed_text(model, [t.format(n) for n in names for t in templates], device)
     return F.normalize(e.view(len(names), len(templates), -1).mean(1), dim=-1)
@@ -577,6 +574,39 @@ def correspondence(Pa, Pb, warps, seg, size, patch):
              "chance": (dist <= thr).double().mean(2), "ceiling": dist.min(2).values <= thr}
     scored = on_object.double()
     return {k: torch.stack([(v.double() * scored).sum(1), scored.sum(1)], 1) for k, v in right.items()}
+
+
+def keypoint_transfer(Fa, Fb, points):
+    """Probe3D's correspondence on one pair: the source features at each source point (bilinear on
+    the L2-normalised grid) are compared by cosine with every target patch; the best patch's centre
+    is the predicted point. Fa, Fb (h, w, W) patch features of the two square images, points (K, 2)
+    x, y in 0..1 of the image side -> (K, 2) in 0..1. Probe3D samples with align_corners=True and
+    predicts the patch's corner (index / w), a shift of up to one patch; here both use patch
+    centres, so an image matched with itself puts every point at a patch centre back in place."""
+    h, w = Fb.shape[:2]
+    grid = (points.float() * 2 - 1)[None, None]  # (1, 1, K, 2) in -1..1, patch centres at (i + 0.5) / w
+    src = F.grid_sample(F.normalize(Fa.float(), dim=-1).permute(2, 0, 1)[None], grid, mode="bilinear",
+                        align_corners=False, padding_mode="border")[0, :, 0].T  # (K, W)
+    best = (src @ F.normalize(Fb.float(), dim=-1).flatten(0, 1).T).argmax(1)  # (K,) row-major patch index
+    return torch.stack([best % w, best // w], 1).double().add(0.5) / torch.tensor([w, h], dtype=torch.float64)
+
+
+def pck_parts(pred, truth, scale, n_classes, cls, h, w):
+    """SPair's PCK@0.1 of one pair as class parts (2C,): a transferred point is right within
+    PCK x scale of the truth (scale: the target box's longer side over the padded image side, so
+    the threshold is 10 % of the box). Returns the model's, chance's (a uniformly random target
+    patch) and the ceiling's (the patch centre nearest the truth: perfect features) parts."""
+    centres = torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h,
+                                         indexing="xy"), -1).reshape(-1, 2).double()  # (h*w, 2) x, y
+    to_all = (truth[:, None] - centres[None]).norm(dim=-1) / scale  # (K, h*w)
+    right = {"model": ((pred - truth).norm(dim=-1) / scale < PCK).double(),
+             "chance": (to_all < PCK).double().mean(1), "ceiling": (to_all.min(1).values < PCK).double()}
+    out = {}
+    for k, v in right.items():
+        row = torch.zeros(2 * n_classes, dtype=torch.float64)
+        row[cls], row[n_classes + cls] = v.sum(), len(v)
+        out[k] = row
+    return out
 
 
 def grounding(regions, names, vocab_emb, vocab):
@@ -891,11 +921,12 @@ def image_files(folder):
     return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTS))
 
 
-def load_image(path, size):
-    """Any image file -> uint8 (size, size, 3) RGB, resized bicubic to the square input as SigLIP's
-    image processor does (no crop)."""
+def load_image(path, size=None):
+    """Any image file -> uint8 (H, W, 3) RGB; with size, resized bicubic to the square input as
+    SigLIP's image processor does (no crop)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+        im = im.convert("RGB")
+        return np.asarray(im.resize((size, size), Image.BICUBIC) if size else im)
 
 
 def resize_nearest(label, size):
@@ -923,50 +954,52 @@ def read_synset_mapping(path):
     return names
 
 
+def clip_imagenet_metadata():
+    """(CLIP's curated names of the 1,000 ImageNet classes in class-index order, its 80 prompt
+    templates + the bare name): the prompts open_clip and CLIP_benchmark score ImageNet zero-shot
+    with (big_vision adds the bare name). The class names alone move a CLIP B/16 by ~4 points
+    against WordNet lemmas (openai/CLIP#246). open_clip ships both lists."""
+    try:
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    except ImportError:
+        fail("--imagenet needs open_clip_torch for CLIP's ImageNet class names and 80 prompt templates: "
+             "pip install -e '.[experts]'")
+    templates = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] + ["{}"]
+    return list(IMAGENET_CLASSNAMES), templates
+
+
 def imagenet_class_names(root, folders, names_file=None):
-    """Human-readable class names for ImageNet class folders, in order; never a WordNet id. From
-    --class-names, else ROOT/LOC_synset_mapping.txt (Kaggle's ImageNet layout), else, where the
-    folders are WordNet ids, timm's ImageNet metadata (the first lemma of each synset: timm is
-    maintained and maps all 21k ImageNet synsets, open_clip's curated list only the 1k classes by
-    index), else the folder names with _ as spaces."""
-    mapping = None
-    for path in (names_file, os.path.join(root, "LOC_synset_mapping.txt")):
-        if path and os.path.isfile(path):
-            mapping = read_synset_mapping(path)
-            break
-        if path == names_file and path:
-            fail(f"--class-names {path} does not exist")
-    if mapping is None and any(WNID.fullmatch(c) for c in folders):
-        try:
-            from timm.data import ImageNetInfo
-        except ImportError:
-            fail(f"--imagenet {root}: class folders are WordNet ids ({folders[0]}, ...) and no names were "
-                 "found; give --class-names FILE ('FOLDER name' per line, as LOC_synset_mapping.txt) or "
-                 "pip install timm")
-        info = ImageNetInfo()
-        mapping = {}
-        for c in folders:
-            try:
-                mapping[c] = info.label_name_to_description(c).split(",")[0].strip()
-            except (KeyError, ValueError, IndexError):
-                pass
-    names = [(mapping or {}).get(c, c).replace("_", " ") for c in folders]
-    if unnamed := [c for c, nm in zip(folders, names) if WNID.fullmatch(nm)]:
-        fail(f"--imagenet {root}: no class name for {unnamed[0]} ({len(unnamed)} unnamed); add it to "
-             "--class-names FILE ('FOLDER name' per line)")
-    return names
+    """Names for ImageNet class folders, in order; never a WordNet id. From --class-names ('FOLDER
+    name, synonym, ...' per line, as LOC_synset_mapping.txt), else for WordNet-id folders CLIP's
+    curated names (ILSVRC2012 orders its 1,000 classes by sorted WordNet id), else the folder names
+    with _ as spaces."""
+    if names_file:
+        if not os.path.isfile(names_file):
+            fail(f"--class-names {names_file} does not exist")
+        mapping = read_synset_mapping(names_file)
+        if missing := [c for c in folders if c not in mapping]:
+            fail(f"--class-names {names_file} has no name for class folder {missing[0]} ({len(missing)} missing)")
+        return [mapping[c].replace("_", " ") for c in folders]
+    if not any(WNID.fullmatch(c) for c in folders):
+        return [c.replace("_", " ") for c in folders]
+    from timm.data import ImageNetInfo  # open_clip depends on timm: its list of the 1,000 ids in order
+    names, _ = clip_imagenet_metadata()
+    index = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+    if unknown := [c for c in folders if c not in index]:
+        fail(f"--imagenet {root}: class folder {unknown[0]} is not one of ILSVRC2012's 1,000 classes; "
+             "give --class-names FILE ('FOLDER name' per line)")
+    return [names[index[c]] for c in folders]
 
 
 def imagenet_suite(model, root, device, skip, names_file=None):
-    """[<-> ImageNet] zero-shot from class names with a prompt ensemble, logistic regression and
-    k-NN from train to val."""
-    for split in ("train", "val"):
-        need_dir(os.path.join(root, split), "--imagenet")
-    classes = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
-    names = imagenet_class_names(root, classes, names_file) if hasattr(model, "text") else classes
+    """[ImageNet] zero-shot on val/ with CLIP's class names and 80 templates (lower-cased for a
+    SigLIP tokenizer, as its captions were); with train/ also logistic regression and k-NN."""
+    need_dir(os.path.join(root, "val"), "--imagenet")
+    classes = sorted(e.name for e in os.scandir(os.path.join(root, "val")) if e.is_dir())
     S, m = model.cfg.vision.image_size, Scores()
+    splits = ["val"] + ["train"] * os.path.isdir(os.path.join(root, "train"))
     feats, labels = {}, {}
-    for split in ("train", "val"):
+    for split in splits:
         items = [(f, k) for k, c in enumerate(classes) for f in image_files(os.path.join(root, split, c))]
         if not items:
             fail(f"--imagenet {root}: no images in {split}/CLASS/ folders")
@@ -974,44 +1007,67 @@ def imagenet_suite(model, root, device, skip, names_file=None):
         feats[split] = extract(model, [f for f, _ in items], want, device, f"imagenet {split}",
                                lambda f: load_image(f, S))
         labels[split] = torch.tensor([k for _, k in items])
-    tr, va, ytr, yva = feats["train"]["pooled"], feats["val"]["pooled"], labels["train"], labels["val"]
-    chance = majority_chance(ytr, yva)
-    m.add("in_lin_acc", hits(linear_probe(tr, ytr, va, len(classes)) == yva), chance=chance, ceiling=1.0)
-    m.add("in_knn_acc", hits(knn_probe(tr, ytr, va, len(classes)) == yva), chance=chance, ceiling=1.0)
+    yva = labels["val"]
     if hasattr(model, "text"):
-        text = embed_classes(model, names, device)
+        names = imagenet_class_names(root, classes, names_file)
+        templates = clip_imagenet_metadata()[1]
+        if model.cfg.text.tokenizer not in ("byte", "words"):  # a SigLIP SentencePiece tokenizer: lower-cased text
+            names, templates = [n.lower() for n in names], [t.lower() for t in templates]
+        text = embed_classes(model, names, device, templates)
         m.add("in_zs_acc", hits((feats["val"]["img"] @ text.T).argmax(1) == yva), chance=1 / len(classes),
               ceiling=1.0)
     else:
         skip("ImageNet zero-shot: the model has no text tower")
+    if "train" in feats:
+        tr, va, ytr = feats["train"]["pooled"], feats["val"]["pooled"], labels["train"]
+        chance = majority_chance(ytr, yva)
+        m.add("in_lin_acc", hits(linear_probe(tr, ytr, va, len(classes)) == yva), chance=chance, ceiling=1.0)
+        m.add("in_knn_acc", hits(knn_probe(tr, ytr, va, len(classes)) == yva), chance=chance, ceiling=1.0)
+    else:
+        skip("ImageNet linear and k-NN probes: no train/ folder")
     return m
 
 
 def coco_suite(model, root, device, skip, names_file=None):
-    """[<-> COCO retrieval] every image against every caption (5 per image in COCO), both ways."""
+    """[COCO retrieval] Karpathy's 5k test images against all their captions (5 or more each), both
+    ways, recall at 1, 5, 10 (as open_clip and CLIP_benchmark score it)."""
     m = Scores()
     if not hasattr(model, "text"):
         skip("COCO retrieval: the model has no text tower")
         return m
-    path = os.path.join(root, "captions.json")
-    try:
-        with open(path) as f:
-            spec = json.load(f)
-        files = [os.path.join(root, im["file_name"]) for im in spec["images"]]
-        row = {im["id"]: i for i, im in enumerate(spec["images"])}
-        owner = torch.tensor([row[a["image_id"]] for a in spec["annotations"]])
-        captions = [a["caption"] for a in spec["annotations"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"--coco {root}: {path} is not a COCO captions file with images and annotations ({e!r})")
-    if missing := [f for f in files if not os.path.isfile(f)]:
-        fail(f"--coco {root}: image {missing[0]} listed in captions.json does not exist")
+    files, captions, owner = data.read_coco_karpathy(root)
     S = model.cfg.vision.image_size
     img = extract(model, files, ("img",), device, "coco images", lambda f: load_image(f, S))["img"]
     sim = img @ embed_text(model, captions, device).T  # (images, captions)
-    right = torch.arange(len(files))[:, None] == owner[None]  # (images, captions)
+    right = torch.arange(len(files))[:, None] == torch.tensor(owner)[None]  # (images, captions)
     for way, scores, r in (("i2t", sim, right), ("t2i", sim.T, right.T)):
-        for k in (1, 5):
+        for k in (1, 5, 10):
             m.add(f"coco_{way}_r{k}", hits(recall_hits(scores, r, k)), chance=recall_chance(r, k), ceiling=1.0)
+    return m
+
+
+def spair_suite(model, root, device, skip, names_file=None):
+    """[SPair-71k] Probe3D's protocol on the test pairs: each image padded to a square (white, bottom
+    and right) and resized to the model's input, final-layer patch features, every source keypoint
+    transferred to the target by nearest neighbour (keypoint_transfer), PCK@0.1 of the target
+    box's longer side, per class, then the mean over classes."""
+    pairs = data.read_spair(root)
+    S, m = model.cfg.vision.image_size, Scores()
+    files = sorted({p[k] for p in pairs for k in ("src", "trg")})
+    load = lambda f: np.asarray(Image.fromarray(data.pad_square(load_image(f))).resize((S, S), Image.BICUBIC))
+    P = extract(model, files, ("patch",), device, "spair images", load)["patch"]
+    row, classes = {f: i for i, f in enumerate(files)}, sorted({p["category"] for p in pairs})
+    parts = {"model": [], "chance": [], "ceiling": []}
+    for p in pairs:
+        src, trg = torch.from_numpy(p["src_kps"]) / p["src_side"], torch.from_numpy(p["trg_kps"]) / p["trg_side"]
+        x0, y0, x1, y1 = p["trg_box"]
+        pred = keypoint_transfer(P[row[p["src"]]], P[row[p["trg"]]], src)
+        got = pck_parts(pred, trg, max(x1 - x0, y1 - y0) / p["trg_side"], len(classes),
+                        classes.index(p["category"]), *P.shape[1:3])
+        for k, v in got.items():
+            parts[k].append(v)
+    parts = {k: torch.stack(v) for k, v in parts.items()}
+    m.add("spair_pck", parts["model"], class_mean, chance=parts["chance"], ceiling=parts["ceiling"])
     return m
 
 
@@ -1087,7 +1143,8 @@ def ade_suite(model, root, device, skip, names_file=None):
     return m
 
 
-SUITES = {"imagenet": imagenet_suite, "coco": coco_suite, "nyu": nyu_suite, "ade": ade_suite}
+SUITES = {"imagenet": imagenet_suite, "coco": coco_suite, "nyu": nyu_suite, "ade": ade_suite,
+          "spair": spair_suite}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1289,14 +1346,15 @@ def parse_args(argv):
                    help="the frozen model's forward passes: auto = bf16 autocast on CUDA (as open_clip "
                         "evaluates), fp32 on CPU; bf16 or fp32 on any device. Probes and metrics run in fp32 "
                         "on the features either way (default: auto)")
-    for name, layout in (("imagenet", "DIR/{train,val}/CLASS/*.jpg"), ("coco", "DIR/captions.json + images"),
+    for name, layout in (("imagenet", "DIR/val/WNID/*.JPEG (+ DIR/train/WNID/ for the probes)"),
+                         ("coco", "DIR/dataset_coco.json (Karpathy's splits) + DIR/val2014/*.jpg"),
+                         ("spair", "DIR/PairAnnotation/test/*.json + DIR/JPEGImages/CLASS/*.jpg (SPair-71k)"),
                          ("nyu", "DIR/NAME.jpg + DIR/NAME_depth.png|npy"),
                          ("ade", "DIR/images/NAME.jpg + DIR/annotations/NAME.png")):
         p.add_argument(f"--{name}", metavar="DIR", help=f"real data laid out as {layout} (default: not run)")
     p.add_argument("--class-names", metavar="FILE",
                    help="ImageNet class names, 'FOLDER name, synonym, ...' per line as LOC_synset_mapping.txt "
-                        "(default: DIR/LOC_synset_mapping.txt, else timm's names for WordNet-id folders, else "
-                        "the folder names)")
+                        "(default: CLIP's curated names for WordNet-id folders, else the folder names)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="aggregate evaluated train.py runs instead")
     return p.parse_args(argv)
 
@@ -1334,7 +1392,10 @@ def evaluate_checkpoint(args):
         used.append(f"{len(scenes)} toy scenes " + (f"from {args.data}" if args.data else f"(seed {TOY_SEED})"))
         scores.rows.update(toy_suite(model, scenes, device, skipped.append).rows)
     for name, folder in real.items():
-        scores.rows.update(SUITES[name](model, folder, device, skipped.append, args.class_names).rows)
+        try:
+            scores.rows.update(SUITES[name](model, folder, device, skipped.append, args.class_names).rows)
+        except data.BenchmarkError as e:  # a folder not in the layout its reader expects
+            fail(str(e))
         used.append(f"{name} {folder}")
     ckpt = args.checkpoint
     ckpt_dir = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))

@@ -545,11 +545,11 @@ def test_real_data_layouts(tmp_path):
         for c in ("tabby_cat", "goldfish"):
             for i in range(n):
                 save_image(imagenet / split / c / f"{i}.jpg", hash((split, c, i)) % 1000)
-    spec = {"images": [{"id": 10 + i, "file_name": f"{i}.jpg"} for i in range(3)],
-            "annotations": [{"image_id": 10 + i % 3, "caption": f"caption {i}"} for i in range(6)]}
+    spec = {"images": [{"filepath": "val2014", "filename": f"{i}.jpg", "split": "test",
+                        "sentences": [{"raw": f"caption {i} {j}"} for j in range(2)]} for i in range(3)]}
     for i in range(3):
-        save_image(coco / f"{i}.jpg", i)
-    (coco / "captions.json").write_text(json.dumps(spec))
+        save_image(coco / "val2014" / f"{i}.jpg", i)
+    (coco / "dataset_coco.json").write_text(json.dumps(spec))
     for i in range(4):
         save_image(nyu / f"{i:03d}.png", i)
         mm = np.random.default_rng(i).integers(500, 9000, (30, 40)).astype(np.uint16)
@@ -567,43 +567,51 @@ def test_real_data_layouts(tmp_path):
     results = E.main([ckpt, "--imagenet", str(imagenet), "--coco", str(coco), "--nyu", str(nyu),
                       "--ade", str(ade)])
     assert sorted(results["metrics"]) == sorted(
-        ["in_zs_acc", "in_lin_acc", "in_knn_acc", "coco_i2t_r1", "coco_i2t_r5", "coco_t2i_r1", "coco_t2i_r5",
+        ["in_zs_acc", "in_lin_acc", "in_knn_acc", "coco_i2t_r1", "coco_i2t_r5", "coco_i2t_r10", "coco_t2i_r1",
+         "coco_t2i_r5", "coco_t2i_r10",
          "nyu_probe_rmse", "nyu_probe_absrel", "nyu_zsdepth_absrel", "nyu_zsdepth_delta1", "ade_miou"])
     assert all(math.isfinite(v) for v in results["metrics"].values())
     assert results["metrics"]["coco_i2t_r5"] == 1.0  # 3 images: every caption is within the top 5
 
 
-def test_imagenet_class_names(tmp_path, monkeypatch, capsys):
-    """WordNet-id folders are prompted with names: from --class-names, LOC_synset_mapping.txt or
-    timm; a prompt never holds a wnid, and with no names at all the error is one line."""
+def test_imagenet_class_names(tmp_path, capsys):
+    """WordNet-id folders are prompted with CLIP's curated names (by ILSVRC2012 class index, not by
+    lemma: n02123045 is "tabby cat", its first lemma "tabby"), or with --class-names; other folder
+    names as written; a folder outside the 1,000 classes or a names file without it: one line."""
+    pytest.importorskip("open_clip")
     folders = ["n01440764", "n02123045"]
-    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn02123045 tabby, tabby cat\n")
-    assert E.imagenet_class_names(str(tmp_path), folders) == ["tench", "tabby"]
-    (tmp_path / "mine.txt").write_text("n01440764 fish\nn02123045 tabby_cat\n")
+    assert E.imagenet_class_names(str(tmp_path), folders) == ["tench", "tabby cat"]
+    (tmp_path / "mine.txt").write_text("n01440764 fish\nn02123045 tabby_cat, tabby\n")
     assert E.imagenet_class_names(str(tmp_path), folders, str(tmp_path / "mine.txt")) == ["fish", "tabby cat"]
     assert E.imagenet_class_names(str(tmp_path / "x"), ["golden_retriever"]) == ["golden retriever"]
-    pytest.importorskip("timm")
-    assert E.imagenet_class_names(str(tmp_path / "x"), folders) == ["tench", "tabby"]
-    monkeypatch.setitem(__import__("sys").modules, "timm.data", None)  # timm absent
-    with pytest.raises(SystemExit) as e:
-        E.imagenet_class_names(str(tmp_path / "x"), folders)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "--class-names" in err and "\n" not in err
+    for args in ((["n99999999"],), (folders + ["n01443537"], str(tmp_path / "mine.txt"))):
+        with pytest.raises(SystemExit) as e:
+            E.imagenet_class_names(str(tmp_path), *args)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err
 
 
-def test_imagenet_prompts_carry_names(tmp_path, monkeypatch):
-    """The zero-shot prompts of a WordNet-id ImageNet folder are built from names, with the ensemble."""
+def test_imagenet_zero_shot_from_val_alone(tmp_path, monkeypatch):
+    """val/ alone gives zero-shot with CLIP's 80 templates and the bare name (81 prompts per class,
+    built from names, never from WordNet ids); no linear or k-NN probe without train/. A SigLIP
+    tokenizer gets the prompts lower-cased."""
+    pytest.importorskip("open_clip")
     root = tmp_path / "imagenet"
-    for split in ("train", "val"):
-        for c in ("n01440764", "n02123045"):
-            save_image(root / split / c / "0.jpg", hash((split, c)) % 1000)
-    (root / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn02123045 tabby, tabby cat\n")
+    for c in ("n01440764", "n02123045"):
+        save_image(root / "val" / c / "0.jpg", hash(c) % 1000)
     prompts = []
     real = E.embed_text
     monkeypatch.setattr(E, "embed_text", lambda model, texts, device: prompts.extend(texts) or real(model, texts, device))
-    E.main([tiny_checkpoint(tmp_path / "c.pt"), "--imagenet", str(root)])
-    assert len(prompts) == 2 * len(E.TEMPLATES) >= 2 * 30
-    assert "a photo of a tabby." in prompts and not any("n0" in p for p in prompts)
+    results = E.main([tiny_checkpoint(tmp_path / "c.pt"), "--imagenet", str(root), "--out", str(tmp_path / "ev")])
+    assert list(results["metrics"]) == ["in_zs_acc"] and any("train/" in s for s in results["skipped"])
+    assert len(prompts) == 2 * 81 and "a bad photo of a tabby cat." in prompts and "tabby cat" in prompts
+    assert not any("n0" in p for p in prompts)
+    model = mtv.load_model(tmp_path / "c.pt")
+    model.cfg.text.tokenizer = "/some/siglip"  # only the tokenizer's kind is read
+    prompts.clear()
+    E.imagenet_suite(model, str(root), torch.device("cpu"), lambda s: None)
+    assert "a bad photo of a tabby cat." in prompts and "a photo of the tench." in prompts
+    assert "itap of a tench." in prompts and not any(p != p.lower() for p in prompts)
 
 
 def test_bad_input_is_one_sentence(tmp_path, capsys):

@@ -1,0 +1,141 @@
+"""The paper's benchmarks on real data: each reader on a mini-dataset in the layout users download
+(made here, a few images each), and each protocol on a case where a wrong choice (normalisation,
+crop, mask, averaging) gives a different number than the right one."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate as E
+from test_evaluate import tiny_checkpoint
+
+
+def noise_image(path, seed, w, h):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+# -- SPair-71k ----------------------------------------------------------------------------------
+
+
+def make_spair(root, pairs, split="test"):
+    """pairs: (category, src name, trg name, src_kps, trg_kps, trg box); images are made on the fly
+    (noise, 48 x 32: wider than high, so the square padding matters)."""
+    folder = root / "PairAnnotation" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (cat, src, trg, sk, tk, box) in enumerate(pairs):
+        for name in (src, trg):
+            if not (root / "JPEGImages" / cat / name).exists():
+                noise_image(root / "JPEGImages" / cat / name, hash(name) % 1000, 48, 32)
+        (folder / f"{i:06d}-{src[:-4]}-{trg[:-4]}:{cat}.json").write_text(json.dumps(
+            {"category": cat, "src_imname": src, "trg_imname": trg, "src_kps": sk, "trg_kps": tk,
+             "trg_bndbox": box, "src_bndbox": box, "viewpoint_variation": 0}))
+
+
+# A 48 x 32 image padded to 48 x 48 and resized to 32 px: 4 x 4 patches of 12 original pixels, with
+# centres at 6, 18, 30, 42. These keypoints sit on patch centres inside the unpadded image.
+CENTRES = [[6, 6], [30, 18], [42, 30], [18, 6]]
+
+
+def test_spair_identical_images_score_one(tmp_path):
+    """A pair of one image with itself: every keypoint on a patch centre transfers onto itself for
+    any model, so PCK is 1.0; the chance (a random patch) and the ceiling are reported beside it."""
+    make_spair(tmp_path, [("cat", "a.jpg", "a.jpg", CENTRES, CENTRES, [0, 0, 10, 10]),
+                          ("dog", "b.jpg", "b.jpg", CENTRES[:2], CENTRES[:2], [0, 0, 10, 10])])
+    results = E.main([tiny_checkpoint(tmp_path / "c.pt"), "--spair", str(tmp_path), "--out", str(tmp_path / "ev")])
+    assert results["metrics"]["spair_pck"] == 1.0 and results["ceiling"]["spair_pck"] == 1.0
+    assert results["chance"]["spair_pck"] == pytest.approx(1 / 16)  # a 10-px box: only the right patch is near
+
+
+def test_keypoint_transfer_under_a_known_shift():
+    """Target features = source features moved one patch right: the transfer finds the shifted
+    patch (PCK 1.0 against the shifted truth); scored against the unshifted points the error is one
+    patch (1/4 of the side), a hit only where the threshold 0.1 x box exceeds it."""
+    Fa = torch.randn(4, 4, 8)
+    Fb = torch.roll(Fa, 1, dims=1)
+    pts = torch.tensor([[0.125, 0.125], [0.375, 0.625], [0.625, 0.875]], dtype=torch.float64)
+    pred = E.keypoint_transfer(Fa, Fb, pts)
+    assert torch.allclose(pred, pts + torch.tensor([0.25, 0.0], dtype=torch.float64))
+    for scale, hit in ((1.0, 0.0), (3.0, 1.0)):  # box side = 1 or 3 padded sides: thresholds 0.1 and 0.3
+        got = E.pck_parts(pred, pts, scale, n_classes=2, cls=1, h=4, w=4)
+        assert got["model"].tolist() == [0, 3 * hit, 0, 3]
+        assert got["ceiling"].tolist() == [0, 3, 0, 3]
+
+
+def test_spair_pck_is_a_mean_over_classes_and_scaled_by_the_target_box(tmp_path):
+    """PCK per class, then the mean over classes (not over keypoints): class cat 4/4, class dog 0/1
+    -> 0.5 (the keypoint mean would be 0.8). The threshold is 10 % of the target box's longer side
+    over the padded side: an error of 0.03 of the side is a hit for a 48-px box in a 48-px square
+    (threshold 0.1), a miss for a 12-px box (0.025)."""
+    pred = torch.tensor([[0.125, 0.125]], dtype=torch.float64)
+    truth = torch.tensor([[0.125, 0.155]], dtype=torch.float64)
+    big = E.pck_parts(pred, truth, 48 / 48, 2, 0, 4, 4)["model"]
+    small = E.pck_parts(pred, truth, 12 / 48, 2, 0, 4, 4)["model"]
+    assert big[0] == 1 and small[0] == 0
+    parts = torch.stack([torch.tensor([4.0, 0, 4, 0]), torch.tensor([0.0, 0, 0, 1])])
+    assert E.estimate(parts, E.class_mean)[0] == 0.5
+
+
+def test_spair_keypoints_scale_by_the_longer_side(tmp_path):
+    """The reader gives each image's longer side (the padded square's): 48 for a 48 x 32 image, so
+    that x and y are divided alike; dividing y by the height would move every keypoint."""
+    make_spair(tmp_path, [("cat", "a.jpg", "b.jpg", CENTRES, CENTRES, [1, 2, 30, 20])])
+    (p,) = data.read_spair(str(tmp_path))
+    assert p["src_side"] == p["trg_side"] == 48 and p["trg_box"] == [1, 2, 30, 20]
+    assert p["src_kps"].shape == (4, 2) and p["src"].endswith("JPEGImages/cat/a.jpg")
+
+
+def test_spair_subsample_per_class(tmp_path):
+    pairs = [("cat", f"{i}.jpg", f"{i + 1}.jpg", CENTRES, CENTRES, [0, 0, 9, 9]) for i in range(5)]
+    make_spair(tmp_path, pairs)
+    kept = data.read_spair(str(tmp_path), per_class=3)
+    again = data.read_spair(str(tmp_path), per_class=3)
+    assert len(kept) == 3 and [p["src"] for p in kept] == [p["src"] for p in again]  # seeded
+    assert len(data.read_spair(str(tmp_path), per_class=0)) == 5
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no_pairs", "PairAnnotation/test"), ("no_image", "images listed in PairAnnotation"),
+    ("bad_json", "not an SPair pair annotation")])
+def test_spair_bad_folder_one_line(tmp_path, capsys, breakage, message):
+    make_spair(tmp_path, [("cat", "a.jpg", "b.jpg", CENTRES, CENTRES, [0, 0, 9, 9])])
+    if breakage == "no_pairs":
+        for f in (tmp_path / "PairAnnotation" / "test").iterdir():
+            f.unlink()
+    elif breakage == "no_image":
+        (tmp_path / "JPEGImages" / "cat" / "b.jpg").unlink()
+    else:
+        f = next((tmp_path / "PairAnnotation" / "test").iterdir())
+        f.write_text(json.dumps({"category": "cat"}))
+    with pytest.raises(SystemExit) as e:
+        E.main([tiny_checkpoint(tmp_path / "c.pt"), "--spair", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and "\n" not in err
+
+
+# -- COCO (Karpathy's 5k test split) ------------------------------------------------------------
+
+
+def make_coco(root, n_test=3, n_val=2):
+    images = []
+    for i in range(n_test + n_val):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        noise_image(root / "val2014" / name, i, 40, 30)
+        images.append({"filepath": "val2014", "filename": name, "split": "test" if i < n_test else "val",
+                       "sentences": [{"raw": f"caption {i} {j}"} for j in range(5 + (i == 0))]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+
+
+def test_coco_reads_the_karpathy_test_split(tmp_path):
+    """Only split "test" counts, with every caption of each image (image 0 has 6)."""
+    make_coco(tmp_path)
+    files, captions, owner = data.read_coco_karpathy(str(tmp_path))
+    assert len(files) == 3 and len(captions) == 16 and owner[:7] == [0] * 6 + [1]
+    assert files[2].endswith("val2014/COCO_val2014_000000000002.jpg")
+    results = E.main([tiny_checkpoint(tmp_path / "c.pt"), "--coco", str(tmp_path), "--out", str(tmp_path / "ev")])
+    assert {f"coco_{w}_r{k}" for w in ("i2t", "t2i") for k in (1, 5, 10)} == set(results["metrics"])
+    assert results["metrics"]["coco_t2i_r5"] == 1.0 and results["n"]["coco_t2i_r1"] == 16  # 3 images: all in the top 5
