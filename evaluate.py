@@ -1255,6 +1255,15 @@ def difference(a, b):
     return delta, (delta / pooled if pooled > 0 else None)
 
 
+def run_group(run_dir, tasks):
+    """The row a run belongs to: its tasks, and where its folder is named NAME-seedN (as make ablate
+    and sweeps name them), NAME, so that runs of one task set under different recipes are rows of
+    their own while the seeds of one recipe are one row."""
+    name = os.path.basename(os.path.normpath(run_dir))
+    stem = re.fullmatch(r"(.+)-seed\d+", name)
+    return tuple(t for t in mtv.ALL_TASKS if t in tasks), stem.group(1) if stem else ""
+
+
 def compare(run_dirs, out):
     """Rows = task sets (runs with the same tasks are seeds), columns = key metrics: the paper's
     Figure 1 layout, as Markdown and a radar. The untrained model (eval-init of any run; one per
@@ -1267,12 +1276,12 @@ def compare(run_dirs, out):
         if path is None:
             fail(f"{d} has no eval/results.json; evaluate it first: python evaluate.py {d}/checkpoint.pt")
         r = read_results(path)
-        groups.setdefault(tuple(t for t in mtv.ALL_TASKS if t in r["tasks"]), []).append(r)
+        groups.setdefault(run_group(d, r["tasks"]), []).append(r)
         if os.path.isfile(init_path := os.path.join(d, "eval-init", "results.json")):
             ri = read_results(init_path)  # one untrained model per seed: the one scored on most metrics
             if ri["seed"] not in inits or len(ri["metrics"]) > len(inits[ri["seed"]]["metrics"]):
                 inits[ri["seed"]] = ri
-    order = sorted(groups, key=lambda ts: (len(ts), [mtv.ALL_TASKS.index(t) for t in ts]))  # VL, + SSL, ...
+    order = sorted(groups, key=lambda g: (len(g[0]), [mtv.ALL_TASKS.index(t) for t in g[0]], g[1]))  # VL, + SSL, ...
     everything = [r for g in groups.values() for r in g] + list(inits.values())
     if len(precisions := {r.get("precision", "fp32") for r in everything}) > 1:  # older results: fp32
         print(f"note: these evaluations ran in different precisions ({', '.join(sorted(precisions))}); bf16 "
@@ -1283,7 +1292,8 @@ def compare(run_dirs, out):
                                                   if r[ref].get(k) is not None]) else None)
                 for ref in ("chance", "ceiling")} for k in names}
     rows = [("init (untrained)", sorted(inits.values(), key=lambda r: str(r["seed"])))] if inits else []
-    rows += [("+".join(ts), groups[ts]) for ts in order]
+    rows += [("+".join(ts) + (f" [{name}]" if name and name != "+".join(ts) else ""), groups[(ts, name)])
+             for ts, name in order]
     stats = [(label, row_stats(results, names)) for label, results in rows]
 
     def cell(s):

@@ -438,6 +438,17 @@ def test_compare_groups_seeds(tmp_path, capsys):
     assert e.value.code == 2 and "no eval/results.json" in capsys.readouterr().err
 
 
+def test_compare_rows_by_recipe(tmp_path):
+    """Runs named NAME-seedN are rows by NAME within a task set (a sweep of recipes for clip,ssl),
+    so two recipes are not pooled as seeds of one; make ablate's TASKS-seedN names keep their label."""
+    runs = [fake_run(tmp_path / "join", f"{name}-seed{s}", ["clip", "ssl"], s, {"zs_shape_acc": v + s / 100})
+            for name, v in (("default", 0.3), ("late", 0.5)) for s in (0, 1)]
+    runs.append(fake_run(tmp_path / "ladder", "clip+ssl-seed0", ["clip", "ssl"], 0, {"zs_shape_acc": 0.4}))
+    table = E.main(["--compare", *runs, "--out", str(tmp_path / "cmp")])
+    assert list(table) == ["clip+ssl", "clip+ssl [default]", "clip+ssl [late]"]
+    assert table["clip+ssl [late]"]["zs_shape_acc"][0] == pytest.approx(0.505)
+
+
 def test_radar_spans_chance_to_ceiling(tmp_path):
     """Axes run from chance to ceiling, so a single run is not stretched to itself."""
     r = E.radar_radius(np.array([0.625, 3.4, 0.1, 0.5]), np.array([0.25, 4.0, 0.25, 4.0]), np.array([1.0, 1.0, 1.0, 1.0]))
