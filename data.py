@@ -1123,6 +1123,43 @@ def read_coco_karpathy(root, karpathy=None):
     return files, captions, owner
 
 
+def read_nyu_eigen(root):
+    """NYUv2 in the layout of BTS, AdaBins, ZoeDepth and Depth Anything's metric-depth code (made by
+    BTS's extract_official_train_test_set_from_mat.py): ROOT/official_splits/{train,test}/SCENE/
+    rgb_NNNNN.jpg with sync_depth_NNNNN.png (16-bit millimetres, 0 = no depth); test holds Eigen's
+    654 images, train the 795 official training images. Returns {split: [(image, depth), ...]}."""
+    flag, out = "--nyu", {}
+    for split in ("train", "test"):
+        images = sorted(glob.glob(os.path.join(root, "official_splits", split, "*", "rgb_*.jpg")))
+        if not images:
+            raise BenchmarkError(f"{flag} {root}: no official_splits/{split}/SCENE/rgb_*.jpg (BTS's NYUv2 layout)")
+        depths = [os.path.join(os.path.dirname(f), "sync_depth_" + os.path.basename(f)[4:-4] + ".png") for f in images]
+        need_files(depths, flag, f"depth maps sync_depth_*.png of official_splits/{split} are")
+        out[split] = list(zip(images, depths))
+    return out
+
+
+def read_depth_png(path, scale=1000.0):
+    """16-bit PNG depth -> float32 metres (0 stays 0: no measurement)."""
+    with Image.open(path) as im:
+        return np.asarray(im).astype(np.float32) / scale
+
+
+def read_ade(root):
+    """ADE20K as distributed for the scene-parsing benchmark (ADEChallengeData2016):
+    ROOT/images/{training,validation}/NAME.jpg with ROOT/annotations/{...}/NAME.png (8-bit, 0 =
+    other / not labelled, 1..150 the classes). Returns {"train": [(image, label)], "val": [...]}."""
+    flag, out = "--ade", {}
+    for split, folder in (("train", "training"), ("val", "validation")):
+        images = sorted(glob.glob(os.path.join(root, "images", folder, "*.jpg")))
+        if not images:
+            raise BenchmarkError(f"{flag} {root}: no images/{folder}/*.jpg (ADEChallengeData2016 layout)")
+        labels = [os.path.join(root, "annotations", folder, os.path.basename(f)[:-4] + ".png") for f in images]
+        need_files(labels, flag, f"annotations/{folder}/*.png of the images are")
+        out[split] = list(zip(images, labels))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Command line: write toy-world shards, or preview a shard
 

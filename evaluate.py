@@ -70,13 +70,16 @@ protocol says otherwise. README "Real benchmarks" tables each protocol's source 
                   per class (seed 20, as Probe3D), each image padded to a square and resized,
                   keypoints transferred by nearest neighbour of final-layer patch features ->
                   spair_pck (PCK@0.1 of the target box, mean over classes)
-  --nyu DIR       DIR/NAME.jpg|png with DIR/NAME_depth.png (16-bit, millimetres, 0 = missing) or
-                  DIR/NAME_depth.npy (float metres); first 2/3 by name train the probe; depth
-                  capped at 10 m -> nyu_probe_{rmse,absrel}, nyu_zsdepth_{absrel,delta1}
-                  (not yet the Eigen split and crop)
-  --ade DIR       DIR/images/NAME.jpg with DIR/annotations/NAME.png (8-bit class index, 0 =
-                  unlabelled, as ADE20K); first 2/3 by name train the probe -> ade_miou (not yet
-                  the official split and a trained linear head)
+  --nyu DIR       NYUv2 as BTS / Depth Anything lay it out: DIR/official_splits/{train,test}/
+                  SCENE/rgb_N.jpg with sync_depth_N.png (16-bit mm). Linear heads on the last layer
+                  and the four DPT taps trained by mini-batch on train (795), Eigen's 654 test
+                  images, Probe3D's 480-px centre crop, Eigen's crop, depth > 10 m or 0 ignored, RMSE
+                  per image averaged -> nyu_probe_rmse, nyu_probe_ml_rmse (gain over the position-
+                  only head), with a depth head nyu_zsdepth_{absrel,delta1}
+  --ade DIR       ADEChallengeData2016: DIR/images/{training,validation}/*.jpg with
+                  DIR/annotations/.../*.png (0 = ignored, 1..150); a linear head on the last layer
+                  trained by mini-batch on training, mIoU over 150 classes on validation at label
+                  resolution -> ade_miou (gain over the position-only head)
 
 Outputs: OUT/results.json (tasks, seed, init, flat metrics with se, chance, ceiling and n, which
 are lower-is-better, skipped protocols) and OUT/results.md; OUT defaults to <checkpoint
@@ -124,7 +127,6 @@ LOGREG_WD = 1e-3  # L2 on the weights of the logistic-regression probes
 LBFGS_STEPS = 100  # full-batch L-BFGS iterations, from zeros: the probes are deterministic
 KNN_K, KNN_T = 20, 0.07  # DINO's weighted k-NN classifier
 TOY_CAP = 20.0  # world units: the toy floor runs to the horizon, objects stand 3-8.5 units away
-NYU_CAP = 10.0  # metres, the usual NYUv2 evaluation cap
 PCK = 0.1  # correspondence is right within 10 % of the image side (PCK@0.1, as SPair) ...
 # ... or within one patch side where that is more: patch features can only name a patch, and a
 # true match lies up to half a patch diagonal from the nearest patch centre (at 32 px with 8-px
@@ -140,7 +142,7 @@ STANDS_FOR = {  # metric-name prefix -> the paper's benchmark the protocol stand
 KEY_METRICS = (  # Figure 1's columns, in its order, then the rest of ours
     "zs_color_acc", "zs_shape_acc", "zs_present_acc", "in_zs_acc", "ret_i2t_r1", "ret_i2t_r5", "coco_i2t_r1",
     "seg_miou", "seg_obj_miou", "seg_ml_miou", "seg_ml_obj_miou", "ade_miou", "corr_recall", "spair_pck", "depth_probe_rmse",
-    "depth_probe_obj_rmse", "depth_probe_ml_rmse", "depth_probe_ml_obj_rmse", "nyu_probe_rmse", "zsdepth_absrel",
+    "depth_probe_obj_rmse", "depth_probe_ml_rmse", "depth_probe_ml_obj_rmse", "nyu_probe_rmse", "nyu_probe_ml_rmse", "zsdepth_absrel",
     "ground_acc", "lin_shape_acc", "lin_count_acc", "obj_shape_acc", "obj_color_acc", "obj_shape_ml_acc",
     "obj_color_ml_acc")
 
@@ -467,7 +469,7 @@ def extract(model, items, want, device, desc, load=None):
     embedding, "depth" (n, H, W) the depth head's relative inverse depth."""
     out = {k: [] for k in want}
     taps = mtv.dpt_layers(model.cfg.vision) if "taps" in want else ()
-    for i in tqdm(range(0, len(items), BATCH), desc=desc, leave=False):
+    for i in tqdm(range(0, len(items), BATCH), desc=desc, leave=False, disable=desc is None):
         x = to_input([load(it) if load else it for it in items[i:i + BATCH]], device)
         if {"pooled", "patch", "taps", "img"} & set(want):
             with mtv.autocast(device, PRECISION):
@@ -1071,75 +1073,174 @@ def spair_suite(model, root, device, skip, names_file=None):
     return m
 
 
-def pairs(files, suffixes, flag):
-    """For each image, the first existing partner file stem + suffix (labels, depth)."""
-    out = []
-    for f in files:
-        stem = os.path.splitext(f)[0]
-        found = [stem + s for s in suffixes if os.path.isfile(stem + s)]
-        if not found:
-            fail(f"{flag}: {f} has no partner {os.path.basename(stem)}{' or '.join(suffixes)}")
-        out.append(found[0])
-    return out
-
-
 def read_labels(path):
     with Image.open(path) as im:
         return np.asarray(im)
 
 
-def read_depth(path):
-    """Metres: a 16-bit PNG in millimetres (NYUv2 toolbox export) or a float .npy; 0 = missing."""
-    if path.endswith(".npy"):
-        return np.load(path).astype(np.float32)
-    with Image.open(path) as im:
-        return np.asarray(im).astype(np.float32) / 1000
+# The real dense benchmarks train linear heads by mini-batch (DINOv2's linear ADE20K and NYUv2
+# heads, Probe3D's depth probe): the closed-form toy probes would hold every training token at once
+# (ADE20K: 20k images x 196 tokens x 768 = 12 GB). Features are recomputed for every batch, so
+# memory does not grow with the dataset; heads start from zeros, batches follow a fixed seed.
+PROBE_EPOCHS, PROBE_BATCH, PROBE_LR, PROBE_WD = 10, 16, 1e-3, 1e-4
+NYU_CAP_IGNORE = 10.0  # metres: deeper pixels are left out (the references), not clamped
+EIGEN_CROP = (45, 471, 41, 601)  # rows, cols of the 480 x 640 NYUv2 frame that Eigen et al. score
+
+
+def dense_features(model, images, device, kinds):
+    """{kind: (B, h, w, C)} of uint8 images at the input size: "patch" (last layer), "taps" (the
+    four DPT taps side by side, Probe3D's multi-layer probe), "position" (one-hot patch position:
+    the chance head)."""
+    f = extract(model, list(images), tuple(k for k in kinds if k != "position"), device, None)
+    if "position" in kinds:
+        g = model.cfg.vision.image_size // model.cfg.vision.patch_size
+        f["position"] = position_features(len(images), g, g)
+    return f
+
+
+def head_logits(head, P, size):
+    """A per-patch linear head's outputs (B, h, w, C) -> (B, out, *size), upsampled bilinearly."""
+    return F.interpolate(head(P).permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
+
+
+def fit_dense_heads(model, n, load, kinds, out_dim, loss, device, desc):
+    """One linear head per feature kind, trained together by AdamW for PROBE_EPOCHS passes over n
+    training items. load(i) -> (uint8 image at the input size, target at the input size);
+    loss(logits (B, out_dim, S, S), targets) -> scalar. Returns {kind: head}."""
+    g = torch.Generator().manual_seed(0)
+    heads, opt = None, None
+    for _ in tqdm(range(PROBE_EPOCHS), desc=desc, leave=False):
+        for idx in torch.randperm(n, generator=g).split(PROBE_BATCH):
+            images, targets = zip(*(load(int(i)) for i in idx))
+            feats, y = dense_features(model, images, device, kinds), torch.stack(targets)
+            if heads is None:
+                heads = {k: torch.nn.Linear(f.shape[-1], out_dim) for k, f in feats.items()}
+                for h in heads.values():
+                    torch.nn.init.zeros_(h.weight), torch.nn.init.zeros_(h.bias)
+                opt = torch.optim.AdamW([p for h in heads.values() for p in h.parameters()], lr=PROBE_LR,
+                                        weight_decay=PROBE_WD)
+            total = sum(loss(head_logits(heads[k], f, y.shape[-2:]), y) for k, f in feats.items())
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+    return {k: h.requires_grad_(False) for k, h in heads.items()}
+
+
+def centre_square(a):
+    """The centre square of an (H, W, ...) array: Probe3D's 480 x 480 crop of NYUv2's 480 x 640."""
+    h, w = a.shape[:2]
+    top, left = (h - min(h, w)) // 2, (w - min(h, w)) // 2
+    return a[top:top + min(h, w), left:left + min(h, w)]
+
+
+def eigen_mask(h, w):
+    """(h, w) bool: inside Eigen's crop of the NYUv2 frame (the whole frame if it is not 480 x 640)."""
+    m = torch.zeros(h, w, dtype=torch.bool)
+    if (h, w) == (480, 640):
+        r0, r1, c0, c1 = EIGEN_CROP
+        m[r0:r1, c0:c1] = True
+    else:
+        m[:] = True
+    return m
+
+
+def nyu_scored(D, frame):
+    """Which pixels of depth maps D (n, H, W) in metres count: measured (> 0), at most 10 m (deeper
+    is left out, as the references do, not clamped to 10) and inside frame (Eigen's crop)."""
+    return (D > 0) & (D <= NYU_CAP_IGNORE) & frame
+
+
+def per_image_rmse(pred, D, keep):
+    """Parts (n, 2) [RMSE of image i over its kept pixels, 1]: reduced by ratio, the mean of the
+    per-image RMSEs (Probe3D, DINOv2), not the RMSE of all pixels pooled. Images without a kept
+    pixel are left out."""
+    sse = torch.where(keep, (pred.double() - D.double()).square(), 0.0).sum((1, 2))
+    count = keep.sum((1, 2)).double()
+    has = count > 0
+    return torch.stack([(sse[has] / count[has]).sqrt(), torch.ones(int(has.sum()), dtype=torch.float64)], 1)
 
 
 def nyu_suite(model, root, device, skip, names_file=None):
-    """[<-> NYUv2] the linear depth probe (first 2/3 by name train) and zero-shot relative depth."""
-    need_dir(root, "--nyu")
-    files = [f for f in image_files(root) if not os.path.splitext(f)[0].endswith("_depth")]
-    if len(files) < 3:
-        fail(f"--nyu {root}: needs at least 3 image/depth pairs, found {len(files)}")
-    S, tr, m = model.cfg.vision.image_size, 2 * len(files) // 3, Scores()
-    truth = pairs(files, ("_depth.png", "_depth.npy"), "--nyu")
-    depth = torch.stack([resize_nearest(read_depth(p), S) for p in truth])  # (n, S, S) metres, 0 = missing
-    want = ("patch",) + ("depth",) * ("depth" in model.tasks)
-    f = extract(model, files, want, device, "nyu images", lambda p: load_image(p, S))
-    P = f["patch"]
-    chance = position_features(len(files), *P.shape[1:3])
-    parts = {k: depth_parts(depth_probe(F_[:tr], depth[:tr], F_[tr:], depth[tr:], NYU_CAP), depth[tr:], NYU_CAP)
-             for k, F_ in (("model", P), ("chance", chance))}
-    for key, reduce in (("nyu_probe_rmse", rmse_of), ("nyu_probe_absrel", absrel_of)):
-        m.add(key, parts["model"], reduce, chance=parts["chance"])
-    if "depth" in model.tasks:
-        z = zero_shot_depth(f["depth"], depth, NYU_CAP)
-        m.add("nyu_zsdepth_absrel", z, absrel_of, ceiling=0.0)
-        m.add("nyu_zsdepth_delta1", z, delta1_of, ceiling=1.0)
+    """[NYUv2] Eigen's 654 test images: linear depth heads on the last layer and on the four DPT
+    taps (Probe3D), trained by mini-batch on the 795 official training images to log depth;
+    Probe3D's 480 x 480 centre crop resized to the input, predictions upsampled to the crop,
+    scored within Eigen's crop where 0 < depth <= 10 m (deeper ignored, not clamped), RMSE per
+    image, then the mean over images. A depth head is scored zero-shot the same way, aligned per
+    image in inverse depth. Chance: the same head on the patch position alone."""
+    sets, S, m = data.read_nyu_eigen(root), model.cfg.vision.image_size, Scores()
+
+    def load(pair, size=S):
+        image, depth = (centre_square(a) for a in (load_image(pair[0]), data.read_depth_png(pair[1])))
+        x = np.asarray(Image.fromarray(image).resize((S, S), Image.BICUBIC))
+        d = torch.from_numpy(np.ascontiguousarray(depth))
+        return x, d if size is None else resize_nearest(d, size)
+
+    def log_target(i):
+        x, d = load(sets["train"][i])
+        return x, torch.where((d > 0) & (d <= NYU_CAP_IGNORE), d.log(), torch.nan)
+
+    def l1_on_valid(logits, y):
+        keep = torch.isfinite(y)
+        return (logits[:, 0] - torch.nan_to_num(y)).abs()[keep].mean() if keep.any() else logits.sum() * 0
+
+    kinds = ("patch", "taps", "position")
+    heads = fit_dense_heads(model, len(sets["train"]), log_target, kinds, 1, l1_on_valid, device, "nyu depth heads")
+    with Image.open(sets["test"][0][1]) as im:
+        frame = centre_square(eigen_mask(im.height, im.width))  # the scored part of the centre crop
+    parts = {k: [] for k in kinds + ("zero_shot",)}
+    with_head = "depth" in model.tasks
+    for i in tqdm(range(0, len(sets["test"]), PROBE_BATCH), desc="nyu test", leave=False):
+        chunk = [load(p, size=None) for p in sets["test"][i:i + PROBE_BATCH]]
+        images, D = [x for x, _ in chunk], torch.stack([d for _, d in chunk])  # (B, 480, 480) metres
+        keep = nyu_scored(D, frame)
+        feats = dense_features(model, images, device, kinds)
+        for k in kinds:
+            pred = head_logits(heads[k], feats[k], D.shape[1:])[:, 0].exp()
+            parts[k].append(per_image_rmse(pred, D, keep))
+        if with_head:
+            inv = F.interpolate(extract(model, images, ("depth",), device, None)["depth"][:, None], size=D.shape[1:],
+                                mode="bilinear", align_corners=False)[:, 0]
+            parts["zero_shot"].append(zero_shot_depth(inv, torch.where(keep, D, 0.0), NYU_CAP_IGNORE))
+    parts = {k: torch.cat(v) for k, v in parts.items() if v}
+    m.add("nyu_probe_rmse", parts["patch"], chance=parts["position"], paired=True)
+    m.add("nyu_probe_ml_rmse", parts["taps"], chance=parts["position"], paired=True)
+    if with_head:
+        m.add("nyu_zsdepth_absrel", parts["zero_shot"], absrel_of, ceiling=0.0)
+        m.add("nyu_zsdepth_delta1", parts["zero_shot"], delta1_of, ceiling=1.0)
     else:
         skip("NYUv2 zero-shot depth: the model has no depth head")
     return m
 
 
+ADE_CLASSES = 150
+
+
 def ade_suite(model, root, device, skip, names_file=None):
-    """[<-> ADE20K] the linear segmentation probe (first 2/3 by name train); label 0 is ignored."""
-    need_dir(os.path.join(root, "images"), "--ade")
-    files = image_files(os.path.join(root, "images"))
-    if len(files) < 3:
-        fail(f"--ade {root}: needs at least 3 images in images/, found {len(files)}")
-    S, tr, m = model.cfg.vision.image_size, 2 * len(files) // 3, Scores()
-    ann = [os.path.join(root, "annotations", os.path.splitext(os.path.basename(f))[0] + ".png") for f in files]
-    if missing := [a for a in ann if not os.path.isfile(a)]:
-        fail(f"--ade {root}: annotation {missing[0]} is missing")
-    labels = torch.stack([resize_nearest(read_labels(a), S) for a in ann]).long() - 1  # 0 "other" -> -1
-    if labels.max() < 0:
-        fail(f"--ade {root}: every annotation pixel is 0 (unlabelled)")
-    P = extract(model, files, ("patch",), device, "ade images", lambda p: load_image(p, S))["patch"]
-    C = int(labels.max()) + 1
-    parts = {k: seg_parts(seg_probe(F_[:tr], labels[:tr], F_[tr:], labels[tr:], C), labels[tr:], C)
-             for k, F_ in (("model", P), ("chance", position_features(len(files), *P.shape[1:3])))}
-    m.add("ade_miou", parts["model"], miou_of, chance=parts["chance"])
+    """[ADE20K] DINOv2's linear protocol on the official split: a linear head on final-layer patch
+    tokens trained by mini-batch AdamW on the training images (150 classes, label 0 ignored),
+    logits upsampled to each validation label map's own resolution, mIoU over the 150 classes on
+    the whole validation set. Images are resized to the square input (DINOv2: 512-px sliding
+    windows). Chance: the same head on the patch position alone."""
+    sets, S, m = data.read_ade(root), model.cfg.vision.image_size, Scores()
+
+    def load(pair, size=S):
+        label = torch.from_numpy(read_labels(pair[1]).astype(np.int64)) - 1  # 0 "other" -> -1, ignored
+        return load_image(pair[0], S), label if size is None else resize_nearest(label, size).long()
+
+    kinds = ("patch", "position")
+    ce = lambda logits, y: F.cross_entropy(logits, y, ignore_index=-1) if (y >= 0).any() else logits.sum() * 0
+    heads = fit_dense_heads(model, len(sets["train"]), lambda i: load(sets["train"][i]), kinds, ADE_CLASSES, ce,
+                            device, "ade head")
+    parts = {k: [] for k in kinds}
+    for i in tqdm(range(0, len(sets["val"]), PROBE_BATCH), desc="ade val", leave=False):
+        chunk = [load(p, size=None) for p in sets["val"][i:i + PROBE_BATCH]]
+        feats = dense_features(model, [x for x, _ in chunk], device, kinds)
+        for k in kinds:
+            for j, (_, label) in enumerate(chunk):  # label maps differ in size: one image at a time
+                pred = head_logits(heads[k], feats[k][j:j + 1], label.shape).argmax(1)
+                parts[k].append(seg_parts(pred, label[None], ADE_CLASSES))
+    parts = {k: torch.cat(v) for k, v in parts.items()}
+    m.add("ade_miou", parts["patch"], miou_of, chance=parts["position"], paired=True)
     return m
 
 
@@ -1359,8 +1460,8 @@ def parse_args(argv):
     for name, layout in (("imagenet", "DIR/val/WNID/*.JPEG (+ DIR/train/WNID/ for the probes)"),
                          ("coco", "DIR/dataset_coco.json (Karpathy's splits) + DIR/val2014/*.jpg"),
                          ("spair", "DIR/PairAnnotation/test/*.json + DIR/JPEGImages/CLASS/*.jpg (SPair-71k)"),
-                         ("nyu", "DIR/NAME.jpg + DIR/NAME_depth.png|npy"),
-                         ("ade", "DIR/images/NAME.jpg + DIR/annotations/NAME.png")):
+                         ("nyu", "DIR/official_splits/{train,test}/SCENE/rgb_N.jpg + sync_depth_N.png (BTS)"),
+                         ("ade", "DIR/{images,annotations}/{training,validation}/ (ADEChallengeData2016)")):
         p.add_argument(f"--{name}", metavar="DIR", help=f"real data laid out as {layout} (default: not run)")
     p.add_argument("--class-names", metavar="FILE",
                    help="ImageNet class names, 'FOLDER name, synonym, ...' per line as LOC_synset_mapping.txt "

@@ -139,3 +139,109 @@ def test_coco_reads_the_karpathy_test_split(tmp_path):
     results = E.main([tiny_checkpoint(tmp_path / "c.pt"), "--coco", str(tmp_path), "--out", str(tmp_path / "ev")])
     assert {f"coco_{w}_r{k}" for w in ("i2t", "t2i") for k in (1, 5, 10)} == set(results["metrics"])
     assert results["metrics"]["coco_t2i_r5"] == 1.0 and results["n"]["coco_t2i_r1"] == 16  # 3 images: all in the top 5
+
+
+# -- NYUv2 (Eigen split, BTS layout) ------------------------------------------------------------
+
+
+def make_nyu(root, n_train=3, n_test=2):
+    """480 x 640 frames as NYUv2's, depth in 16-bit millimetres with holes (0) and far pixels (> 10 m)."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            folder = root / "official_splits" / split / f"scene_{i % 2:04d}"
+            noise_image(folder / f"rgb_{i:05d}.jpg", 100 * (split == "test") + i, 640, 480)
+            mm = np.random.default_rng(i).integers(500, 9000, (480, 640)).astype(np.uint16)
+            mm[:10] = 0
+            mm[-5:] = 12000
+            Image.fromarray(mm).save(folder / f"sync_depth_{i:05d}.png")
+
+
+def test_nyu_per_image_rmse_is_not_pooled():
+    """Image A: one scored pixel 3 m off; image B: 99 exact pixels. The mean of per-image RMSEs is
+    1.5; the RMSE of all pixels pooled would be sqrt(9 / 100) = 0.3."""
+    D = torch.ones(2, 10, 10)
+    pred = D.clone()
+    pred[0, 0, 0] = 4.0
+    keep = torch.ones(2, 10, 10, dtype=torch.bool)
+    keep[0] = False
+    keep[0, 0, 0] = True
+    keep[1, 0, 0] = False
+    assert E.estimate(E.per_image_rmse(pred, D, keep))[0] == pytest.approx(1.5)
+
+
+def test_nyu_scores_eigen_crop_ignores_far_and_missing():
+    """Deeper than 10 m and missing (0) are left out, not clamped; only Eigen's crop (rows 45-470 of
+    the 480-px frame; in Probe3D's centre 480 x 480 every column) counts."""
+    frame = E.centre_square(E.eigen_mask(480, 640))
+    assert frame.shape == (480, 480) and frame[45:471].all() and not frame[:45].any() and not frame[471:].any()
+    D = torch.full((1, 480, 480), 5.0)
+    D[0, 100, 100], D[0, 200, 200] = 12.0, 0.0
+    keep = E.nyu_scored(D, frame)
+    assert not keep[0, 100, 100] and not keep[0, 200, 200] and keep[0, 300, 300] and not keep[0, 10, 10]
+    assert int(keep.sum()) == 426 * 480 - 2
+
+
+def test_nyu_reader_layout(tmp_path):
+    make_nyu(tmp_path)
+    sets = data.read_nyu_eigen(str(tmp_path))
+    assert [len(sets[s]) for s in ("train", "test")] == [3, 2]
+    image, depth = sets["test"][1]
+    assert image.endswith("official_splits/test/scene_0001/rgb_00001.jpg") and depth.endswith("sync_depth_00001.png")
+    d = data.read_depth_png(depth)
+    assert d.dtype == np.float32 and d[0, 0] == 0 and d[-1, 0] == 12.0
+    (tmp_path / "official_splits" / "test" / "scene_0000" / "sync_depth_00000.png").unlink()
+    with pytest.raises(data.BenchmarkError, match="sync_depth"):
+        data.read_nyu_eigen(str(tmp_path))
+
+
+# -- ADE20K (official split) --------------------------------------------------------------------
+
+
+def make_ade(root, n_train=3, n_val=2):
+    for split, folder, n in (("train", "training", n_train), ("val", "validation", n_val)):
+        for i in range(n):
+            name = f"ADE_{split}_{i:08d}"
+            noise_image(root / "images" / folder / f"{name}.jpg", 200 * (split == "val") + i, 40 + 4 * i, 30)
+            (root / "annotations" / folder).mkdir(parents=True, exist_ok=True)
+            label = np.random.default_rng(i).integers(0, 151, (30, 40 + 4 * i), dtype=np.uint8)
+            Image.fromarray(label).save(root / "annotations" / folder / f"{name}.png")
+
+
+def test_ade_is_scored_at_label_resolution_with_150_classes(tmp_path, monkeypatch):
+    """Each validation label map is scored at its own size (40 and 44 px wide here, not the 32-px
+    input), over 150 classes, with label 0 ignored (-1) and label k as class k - 1."""
+    make_ade(tmp_path)
+    seen = []
+    real = E.seg_parts
+    monkeypatch.setattr(E, "seg_parts", lambda p, t, c: seen.append((tuple(t.shape), c, int(t.min()), int(t.max())))
+                        or real(p, t, c))
+    results = E.main([tiny_checkpoint(tmp_path / "c.pt"), "--ade", str(tmp_path), "--out", str(tmp_path / "ev")])
+    assert {(shape, c) for shape, c, _, _ in seen} == {((1, 30, 40), 150), ((1, 30, 44), 150)}
+    assert min(lo for *_, lo, _ in seen) == -1 and max(hi for *_, hi in seen) <= 149
+    assert set(results["metrics"]) == {"ade_miou"} and results["n"]["ade_miou"] == 2
+    assert "ade_miou" in results["gain"]
+
+
+# -- all at once, as a user with the data runs it -----------------------------------------------
+
+
+def test_every_benchmark_in_one_run(tmp_path):
+    """evaluate.py CKPT --imagenet --coco --spair --nyu --ade on mini-datasets in their layouts:
+    every metric with a finite value and se."""
+    pytest.importorskip("open_clip")
+    for c in ("n01440764", "n02123045"):
+        for split, n in (("val", 2), ("train", 3)):
+            for i in range(n):
+                noise_image(tmp_path / "in" / split / c / f"{i}.JPEG", hash((c, split, i)) % 1000, 40, 30)
+    make_coco(tmp_path / "coco")
+    make_spair(tmp_path / "spair", [("cat", "a.jpg", "b.jpg", CENTRES, CENTRES, [0, 0, 40, 30])])
+    make_nyu(tmp_path / "nyu")
+    make_ade(tmp_path / "ade")
+    results = E.main([tiny_checkpoint(tmp_path / "c.pt"), "--imagenet", str(tmp_path / "in"),
+                      "--coco", str(tmp_path / "coco"), "--spair", str(tmp_path / "spair"),
+                      "--nyu", str(tmp_path / "nyu"), "--ade", str(tmp_path / "ade"), "--out", str(tmp_path / "ev")])
+    expected = {"in_zs_acc", "in_lin_acc", "in_knn_acc", "spair_pck", "nyu_probe_rmse", "nyu_probe_ml_rmse",
+                "nyu_zsdepth_absrel", "nyu_zsdepth_delta1", "ade_miou",
+                *(f"coco_{w}_r{k}" for w in ("i2t", "t2i") for k in (1, 5, 10))}
+    assert set(results["metrics"]) == expected
+    assert all(np.isfinite(results["metrics"][k]) and np.isfinite(results["se"][k]) for k in expected)

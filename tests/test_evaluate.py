@@ -549,42 +549,6 @@ def save_image(path, seed, size=(40, 30)):
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
 
 
-def test_real_data_layouts(tmp_path):
-    """Tiny fixtures in each documented layout parse and give every real-data metric."""
-    imagenet, coco, nyu, ade = (tmp_path / d for d in ("imagenet", "coco", "nyu", "ade"))
-    for split, n in (("train", 4), ("val", 2)):
-        for c in ("tabby_cat", "goldfish"):
-            for i in range(n):
-                save_image(imagenet / split / c / f"{i}.jpg", hash((split, c, i)) % 1000)
-    spec = {"images": [{"filepath": "val2014", "filename": f"{i}.jpg", "split": "test",
-                        "sentences": [{"raw": f"caption {i} {j}"} for j in range(2)]} for i in range(3)]}
-    for i in range(3):
-        save_image(coco / "val2014" / f"{i}.jpg", i)
-    (coco / "dataset_coco.json").write_text(json.dumps(spec))
-    for i in range(4):
-        save_image(nyu / f"{i:03d}.png", i)
-        mm = np.random.default_rng(i).integers(500, 9000, (30, 40)).astype(np.uint16)
-        mm[0] = 0  # missing depth
-        if i % 2:
-            np.save(nyu / f"{i:03d}_depth.npy", mm / 1000)
-        else:
-            Image.fromarray(mm).save(nyu / f"{i:03d}_depth.png")  # 16-bit millimetres
-            assert np.allclose(E.read_depth(str(nyu / f"{i:03d}_depth.png")), mm / 1000)
-        save_image(ade / "images" / f"a{i}.jpg", i)
-        (ade / "annotations").mkdir(exist_ok=True)
-        Image.fromarray(np.random.default_rng(i).integers(0, 4, (30, 40), dtype=np.uint8)).save(
-            ade / "annotations" / f"a{i}.png")
-    ckpt = tiny_checkpoint(tmp_path / "checkpoint.pt")
-    results = E.main([ckpt, "--imagenet", str(imagenet), "--coco", str(coco), "--nyu", str(nyu),
-                      "--ade", str(ade)])
-    assert sorted(results["metrics"]) == sorted(
-        ["in_zs_acc", "in_lin_acc", "in_knn_acc", "coco_i2t_r1", "coco_i2t_r5", "coco_i2t_r10", "coco_t2i_r1",
-         "coco_t2i_r5", "coco_t2i_r10",
-         "nyu_probe_rmse", "nyu_probe_absrel", "nyu_zsdepth_absrel", "nyu_zsdepth_delta1", "ade_miou"])
-    assert all(math.isfinite(v) for v in results["metrics"].values())
-    assert results["metrics"]["coco_i2t_r5"] == 1.0  # 3 images: every caption is within the top 5
-
-
 def test_imagenet_class_names(tmp_path, capsys):
     """WordNet-id folders are prompted with CLIP's curated names (by ILSVRC2012 class index, not by
     lemma: n02123045 is "tabby cat", its first lemma "tabby"), or with --class-names; other folder
