@@ -1160,6 +1160,35 @@ def read_ade(root):
     return out
 
 
+KITTI_LIST = "kitti_eigen_test_files_with_gt.txt"
+
+
+def read_kitti_eigen(root, listing=None):
+    """KITTI's Eigen test split with the annotated depth, in BTS's and Depth Anything's layout: the
+    list ROOT/kitti_eigen_test_files_with_gt.txt ("IMAGE GT FOCAL" per line, GT "None" where the
+    annotated depth lacks the frame: 652 of 697 lines have one), images at ROOT/raw/IMAGE (KITTI raw:
+    DATE/DRIVE/image_02/data/N.png), depth at ROOT/data_depth_annotated/GT (DRIVE/proj_depth/
+    groundtruth/image_02/N.png, 16-bit, metres x 256, 0 = none; train/ and val/ merged as BTS says).
+    Returns [(image, depth), ...]."""
+    flag = "--kitti"
+    path = listing or os.path.join(root, KITTI_LIST)
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"{flag} {root}: no {KITTI_LIST} (the Eigen test list of BTS / Depth Anything)")
+    pairs = []
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 2:
+                continue
+            if parts[1] != "None":
+                pairs.append((os.path.join(root, "raw", parts[0].lstrip("/")),
+                              os.path.join(root, "data_depth_annotated", parts[1].lstrip("/"))))
+    if not pairs:
+        raise BenchmarkError(f"{flag}: {path} lists no image with ground truth")
+    need_files([p for pair in pairs for p in pair], flag, "images or depth maps of the Eigen list are")
+    return pairs
+
+
 # -----------------------------------------------------------------------------
 # Command line: write toy-world shards, or preview a shard
 

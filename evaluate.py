@@ -7,7 +7,7 @@ protocol has a toy twin; at the default 2,000 scenes a `micro` model at 32 px is
 minute on one CPU core (65 s for an ssl model). The same code runs on real data.
 
     python evaluate.py CHECKPOINT [--data GLOB] [--n N] [--init] [--out DIR] [--device DEV]
-    python evaluate.py CHECKPOINT --imagenet DIR --coco DIR --spair DIR --nyu DIR --ade DIR
+    python evaluate.py CHECKPOINT --imagenet DIR --coco DIR --spair DIR --nyu DIR --ade DIR --kitti DIR
     python evaluate.py --compare RUN_DIR ... [--out DIR]
 
 CHECKPOINT is a train.py checkpoint.pt, or a directory with a
@@ -80,6 +80,11 @@ protocol says otherwise. README "Real benchmarks" tables each protocol's source 
                   DIR/annotations/.../*.png (0 = ignored, 1..150); a linear head on the last layer
                   trained by mini-batch on training, mIoU over 150 classes on validation at label
                   resolution -> ade_miou (gain over the position-only head)
+  --kitti DIR     KITTI Eigen test with annotated depth, as BTS / Depth Anything: DIR/kitti_eigen_
+                  test_files_with_gt.txt, DIR/raw/DATE/DRIVE/image_02/data/N.png, DIR/data_depth_
+                  annotated/DRIVE/proj_depth/groundtruth/image_02/N.png; the depth head zero-shot,
+                  aligned per image in disparity, Garg crop, 80 m -> kitti_zsdepth_{absrel,delta1}
+                  (NYUv2's zero-shot depth likewise; --zs-depth-space depth scores depth instead)
 
 Outputs: OUT/results.json (tasks, seed, init, flat metrics with se, chance, ceiling and n, which
 are lower-is-better, skipped protocols) and OUT/results.md; OUT defaults to <checkpoint
@@ -138,11 +143,12 @@ STANDS_FOR = {  # metric-name prefix -> the paper's benchmark the protocol stand
     "depth_probe_": "NYUv2 depth probe", "seg_": "ADE20K segmentation",
     "corr_": "NAVI / SPair correspondence", "zsdepth_": "zero-shot depth (KITTI / NYU)",
     "ground_": "grounding", "in_": "ImageNet", "coco_": "COCO", "nyu_": "NYUv2", "ade_": "ADE20K",
-    "spair_": "SPair-71k"}
+    "spair_": "SPair-71k", "kitti_": "KITTI"}
 KEY_METRICS = (  # Figure 1's columns, in its order, then the rest of ours
     "zs_color_acc", "zs_shape_acc", "zs_present_acc", "in_zs_acc", "ret_i2t_r1", "ret_i2t_r5", "coco_i2t_r1",
     "seg_miou", "seg_obj_miou", "seg_ml_miou", "seg_ml_obj_miou", "ade_miou", "corr_recall", "spair_pck", "depth_probe_rmse",
-    "depth_probe_obj_rmse", "depth_probe_ml_rmse", "depth_probe_ml_obj_rmse", "nyu_probe_rmse", "nyu_probe_ml_rmse", "zsdepth_absrel",
+    "depth_probe_obj_rmse", "depth_probe_ml_rmse", "depth_probe_ml_obj_rmse", "nyu_probe_rmse", "nyu_probe_ml_rmse",
+    "zsdepth_absrel", "kitti_zsdepth_absrel",
     "ground_acc", "lin_shape_acc", "lin_count_acc", "obj_shape_acc", "obj_color_acc", "obj_shape_ml_acc",
     "obj_color_ml_acc")
 
@@ -398,19 +404,24 @@ def position_features(n, h, w):
     return torch.eye(h * w).view(1, h, w, h * w).expand(n, -1, -1, -1)
 
 
-def zero_shot_depth(pred_inv, D, cap):
+def zero_shot_depth(pred_inv, D, cap, space="depth", per_image=False):
     """Per image (n, 3) parts [delta1 hits, relative error, pixel count] of relative inverse depth
     pred_inv (n, H, W) against true depth D, after a per-image least-squares scale and shift in
     inverse-depth space (the MiDaS / Depth Anything zero-shot protocol); invalid pixels are
-    skipped, depth capped at cap. Reduce with absrel_of or delta1_of."""
+    skipped, depth capped at cap. space "depth" scores the aligned map converted back to depth (as
+    MiDaS); "disparity" scores it as disparity against 1 / depth (Depth Anything: "we evaluate in
+    the disparity space, without converting it back", LiheYoung/Depth-Anything#174). per_image:
+    each image's rates (count 1), so reducing averages over images instead of pooling pixels.
+    Reduce with absrel_of or delta1_of."""
     rows = []
     for p, d in zip(pred_inv, D):
         keep = torch.isfinite(d) & (d > 0)
         true = d[keep].clamp(max=cap).double()
-        pred = 1 / align_scale_shift(p[keep].double(), 1 / true).clamp(min=1 / cap)
-        rows.append(torch.stack([(torch.maximum(pred / true, true / pred) < 1.25).sum().double(),
-                                 ((pred - true).abs() / true).sum(),
-                                 torch.tensor(float(keep.sum()), dtype=torch.float64)]))
+        aligned = align_scale_shift(p[keep].double(), 1 / true).clamp(min=1 / cap)
+        pred, true = (1 / aligned, true) if space == "depth" else (aligned, 1 / true)
+        row = torch.stack([(torch.maximum(pred / true, true / pred) < 1.25).sum().double(),
+                           ((pred - true).abs() / true).sum(), torch.tensor(float(keep.sum()), dtype=torch.float64)])
+        rows.append(row / row[2].clamp(min=1) if per_image else row)
     return torch.stack(rows)
 
 
@@ -993,7 +1004,7 @@ def imagenet_class_names(root, folders, names_file=None):
     return [names[index[c]] for c in folders]
 
 
-def imagenet_suite(model, root, device, skip, names_file=None):
+def imagenet_suite(model, root, device, skip, opts):
     """[ImageNet] zero-shot on val/ with CLIP's class names and 80 templates (lower-cased for a
     SigLIP tokenizer, as its captions were); with train/ also logistic regression and k-NN."""
     need_dir(os.path.join(root, "val"), "--imagenet")
@@ -1011,7 +1022,7 @@ def imagenet_suite(model, root, device, skip, names_file=None):
         labels[split] = torch.tensor([k for _, k in items])
     yva = labels["val"]
     if hasattr(model, "text"):
-        names = imagenet_class_names(root, classes, names_file)
+        names = imagenet_class_names(root, classes, opts.class_names)
         templates = clip_imagenet_metadata()[1]
         if model.cfg.text.tokenizer not in ("byte", "words"):  # a SigLIP SentencePiece tokenizer: lower-cased text
             names, templates = [n.lower() for n in names], [t.lower() for t in templates]
@@ -1030,7 +1041,7 @@ def imagenet_suite(model, root, device, skip, names_file=None):
     return m
 
 
-def coco_suite(model, root, device, skip, names_file=None):
+def coco_suite(model, root, device, skip, opts):
     """[COCO retrieval] Karpathy's 5k test images against all their captions (5 or more each), both
     ways, recall at 1, 5, 10 (as open_clip and CLIP_benchmark score it)."""
     m = Scores()
@@ -1048,7 +1059,7 @@ def coco_suite(model, root, device, skip, names_file=None):
     return m
 
 
-def spair_suite(model, root, device, skip, names_file=None):
+def spair_suite(model, root, device, skip, opts):
     """[SPair-71k] Probe3D's protocol on the test pairs: each image padded to a square (white, bottom
     and right) and resized to the model's input, final-layer patch features, every source keypoint
     transferred to the target by nearest neighbour (keypoint_transfer), PCK@0.1 of the target
@@ -1160,7 +1171,7 @@ def per_image_rmse(pred, D, keep):
     return torch.stack([(sse[has] / count[has]).sqrt(), torch.ones(int(has.sum()), dtype=torch.float64)], 1)
 
 
-def nyu_suite(model, root, device, skip, names_file=None):
+def nyu_suite(model, root, device, skip, opts):
     """[NYUv2] Eigen's 654 test images: linear depth heads on the last layer and on the four DPT
     taps (Probe3D), trained by mini-batch on the 795 official training images to log depth;
     Probe3D's 480 x 480 centre crop resized to the input, predictions upsampled to the crop,
@@ -1200,7 +1211,8 @@ def nyu_suite(model, root, device, skip, names_file=None):
         if with_head:
             inv = F.interpolate(extract(model, images, ("depth",), device, None)["depth"][:, None], size=D.shape[1:],
                                 mode="bilinear", align_corners=False)[:, 0]
-            parts["zero_shot"].append(zero_shot_depth(inv, torch.where(keep, D, 0.0), NYU_CAP_IGNORE))
+            parts["zero_shot"].append(zero_shot_depth(inv, torch.where(keep, D, 0.0), NYU_CAP_IGNORE,
+                                                       opts.zs_depth_space, per_image=True))
     parts = {k: torch.cat(v) for k, v in parts.items() if v}
     m.add("nyu_probe_rmse", parts["patch"], chance=parts["position"], paired=True)
     m.add("nyu_probe_ml_rmse", parts["taps"], chance=parts["position"], paired=True)
@@ -1212,10 +1224,41 @@ def nyu_suite(model, root, device, skip, names_file=None):
     return m
 
 
+KITTI_CAP = 80.0  # metres: Eigen's KITTI range (deeper ignored)
+GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # rows, cols of the frame (Garg et al.)
+
+
+def kitti_suite(model, root, device, skip, opts):
+    """[KITTI] zero-shot relative depth on Eigen's test split with the annotated depth: each image
+    resized to the square input, the depth head's inverse depth upsampled to the frame, aligned
+    per image by scale and shift in disparity, scored within Garg's crop where 0 < depth <= 80 m,
+    AbsRel and delta1 per image, then averaged (Depth Anything's protocol, in disparity by default;
+    --zs-depth-space depth converts back first)."""
+    m = Scores()
+    if "depth" not in model.tasks:
+        skip("KITTI zero-shot depth: the model has no depth head")
+        return m
+    pairs, S, parts = data.read_kitti_eigen(root), model.cfg.vision.image_size, []
+    for image_path, depth_path in tqdm(pairs, desc="kitti", leave=False):
+        D = torch.from_numpy(data.read_depth_png(depth_path, scale=256.0))[None]  # (1, H, W)
+        H, W = D.shape[1:]
+        r0, r1, c0, c1 = GARG_CROP
+        frame = torch.zeros(H, W, dtype=torch.bool)
+        frame[int(r0 * H):int(r1 * H), int(c0 * W):int(c1 * W)] = True
+        inv = extract(model, [load_image(image_path, S)], ("depth",), device, None)["depth"]
+        inv = F.interpolate(inv[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        keep = (D > 0) & (D <= KITTI_CAP) & frame
+        parts.append(zero_shot_depth(inv, torch.where(keep, D, 0.0), KITTI_CAP, opts.zs_depth_space, per_image=True))
+    z = torch.cat(parts)
+    m.add("kitti_zsdepth_absrel", z, absrel_of, ceiling=0.0)
+    m.add("kitti_zsdepth_delta1", z, delta1_of, ceiling=1.0)
+    return m
+
+
 ADE_CLASSES = 150
 
 
-def ade_suite(model, root, device, skip, names_file=None):
+def ade_suite(model, root, device, skip, opts):
     """[ADE20K] DINOv2's linear protocol on the official split: a linear head on final-layer patch
     tokens trained by mini-batch AdamW on the training images (150 classes, label 0 ignored),
     logits upsampled to each validation label map's own resolution, mIoU over the 150 classes on
@@ -1244,8 +1287,8 @@ def ade_suite(model, root, device, skip, names_file=None):
     return m
 
 
-SUITES = {"imagenet": imagenet_suite, "coco": coco_suite, "nyu": nyu_suite, "ade": ade_suite,
-          "spair": spair_suite}
+SUITES = {"imagenet": imagenet_suite, "coco": coco_suite, "ade": ade_suite, "nyu": nyu_suite,
+          "spair": spair_suite, "kitti": kitti_suite}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1461,11 +1504,16 @@ def parse_args(argv):
                          ("coco", "DIR/dataset_coco.json (Karpathy's splits) + DIR/val2014/*.jpg"),
                          ("spair", "DIR/PairAnnotation/test/*.json + DIR/JPEGImages/CLASS/*.jpg (SPair-71k)"),
                          ("nyu", "DIR/official_splits/{train,test}/SCENE/rgb_N.jpg + sync_depth_N.png (BTS)"),
-                         ("ade", "DIR/{images,annotations}/{training,validation}/ (ADEChallengeData2016)")):
+                         ("ade", "DIR/{images,annotations}/{training,validation}/ (ADEChallengeData2016)"),
+                         ("kitti", "DIR/kitti_eigen_test_files_with_gt.txt + DIR/raw/ + DIR/data_depth_annotated/")):
         p.add_argument(f"--{name}", metavar="DIR", help=f"real data laid out as {layout} (default: not run)")
     p.add_argument("--class-names", metavar="FILE",
                    help="ImageNet class names, 'FOLDER name, synonym, ...' per line as LOC_synset_mapping.txt "
                         "(default: CLIP's curated names for WordNet-id folders, else the folder names)")
+    p.add_argument("--zs-depth-space", choices=("disparity", "depth"), default="disparity",
+                   help="where --nyu and --kitti score zero-shot relative depth after the per-image alignment: "
+                        "disparity (Depth Anything) or depth (MiDaS: the aligned disparity inverted first); the "
+                        "toy twin scores depth (default: disparity)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="aggregate evaluated train.py runs instead")
     return p.parse_args(argv)
 
@@ -1504,7 +1552,7 @@ def evaluate_checkpoint(args):
         scores.rows.update(toy_suite(model, scenes, device, skipped.append).rows)
     for name, folder in real.items():
         try:
-            scores.rows.update(SUITES[name](model, folder, device, skipped.append, args.class_names).rows)
+            scores.rows.update(SUITES[name](model, folder, device, skipped.append, args).rows)
         except data.BenchmarkError as e:  # a folder not in the layout its reader expects
             fail(str(e))
         used.append(f"{name} {folder}")

@@ -226,7 +226,7 @@ def test_ade_is_scored_at_label_resolution_with_150_classes(tmp_path, monkeypatc
 
 
 def test_every_benchmark_in_one_run(tmp_path):
-    """evaluate.py CKPT --imagenet --coco --spair --nyu --ade on mini-datasets in their layouts:
+    """evaluate.py CKPT --imagenet --coco --spair --nyu --ade --kitti on mini-datasets in their layouts:
     every metric with a finite value and se."""
     pytest.importorskip("open_clip")
     for c in ("n01440764", "n02123045"):
@@ -237,11 +237,84 @@ def test_every_benchmark_in_one_run(tmp_path):
     make_spair(tmp_path / "spair", [("cat", "a.jpg", "b.jpg", CENTRES, CENTRES, [0, 0, 40, 30])])
     make_nyu(tmp_path / "nyu")
     make_ade(tmp_path / "ade")
+    make_kitti(tmp_path / "kitti")
     results = E.main([tiny_checkpoint(tmp_path / "c.pt"), "--imagenet", str(tmp_path / "in"),
                       "--coco", str(tmp_path / "coco"), "--spair", str(tmp_path / "spair"),
-                      "--nyu", str(tmp_path / "nyu"), "--ade", str(tmp_path / "ade"), "--out", str(tmp_path / "ev")])
+                      "--nyu", str(tmp_path / "nyu"), "--ade", str(tmp_path / "ade"), "--kitti", str(tmp_path / "kitti"),
+                      "--out", str(tmp_path / "ev")])
     expected = {"in_zs_acc", "in_lin_acc", "in_knn_acc", "spair_pck", "nyu_probe_rmse", "nyu_probe_ml_rmse",
-                "nyu_zsdepth_absrel", "nyu_zsdepth_delta1", "ade_miou",
+                "nyu_zsdepth_absrel", "nyu_zsdepth_delta1", "ade_miou", "kitti_zsdepth_absrel", "kitti_zsdepth_delta1",
                 *(f"coco_{w}_r{k}" for w in ("i2t", "t2i") for k in (1, 5, 10))}
     assert set(results["metrics"]) == expected
     assert all(np.isfinite(results["metrics"][k]) and np.isfinite(results["se"][k]) for k in expected)
+
+
+# -- KITTI (Eigen test, annotated depth) and zero-shot relative depth ---------------------------
+
+
+def make_kitti(root, n=3):
+    lines = []
+    for i in range(n):
+        image = f"2011_09_26/2011_09_26_drive_0002_sync/image_02/data/{i:010d}.png"
+        gt = f"2011_09_26_drive_0002_sync/proj_depth/groundtruth/image_02/{i:010d}.png"
+        noise_image(root / "raw" / image, 300 + i, 124, 38)
+        depth = (np.random.default_rng(i).uniform(2, 90, (38, 124)) * 256).astype(np.uint16)
+        depth[:, ::3] = 0  # the lidar's holes
+        (root / "data_depth_annotated" / gt).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(depth).save(root / "data_depth_annotated" / gt)
+        lines.append(f"{image} {gt} 721.5377")
+    lines.append("2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000099.png None 721.5377")
+    (root / data.KITTI_LIST).write_text("\n".join(lines) + "\n")
+
+
+def test_kitti_reader_skips_frames_without_ground_truth(tmp_path):
+    make_kitti(tmp_path)
+    pairs = data.read_kitti_eigen(str(tmp_path))
+    assert len(pairs) == 3 and pairs[0][0].endswith("raw/2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000000.png")
+    d = data.read_depth_png(pairs[0][1], scale=256.0)
+    assert d.max() <= 90 and d.max() > 80 and (d[:, ::3] == 0).all()  # metres, with holes and far points
+
+
+def test_zero_shot_depth_in_disparity_or_depth_space():
+    """A prediction exact in disparity up to scale and shift scores AbsRel 0 in both spaces; a noisy
+    one, aligned by the closed-form least squares, scores by hand |a - t| / t in disparity and
+    |1/a - 1/t| t in depth: the two spaces give different numbers."""
+    D = torch.tensor([[[1.0, 2.0, 4.0, 8.0]]])  # depth; disparity 1, .5, .25, .125
+    exact = 3 * (1 / D) + 2
+    for space in ("depth", "disparity"):
+        z = E.zero_shot_depth(exact, D, 80.0, space)
+        assert E.absrel_of(z.sum(0)) == pytest.approx(0, abs=1e-9) and E.delta1_of(z.sum(0)) == 1
+    noisy = 1 / D + torch.tensor([0.05, -0.05, 0.05, -0.05])
+    p = noisy.flatten().double()
+    t = (1 / D).flatten().double()
+    pc = p - p.mean()
+    aligned = (pc * (t - t.mean())).sum() / (pc * pc).sum() * pc + t.mean()
+    by_hand = {"disparity": ((aligned - t).abs() / t).mean(), "depth": ((1 / aligned - 1 / t).abs() * t).mean()}
+    for space, want in by_hand.items():
+        assert E.absrel_of(E.zero_shot_depth(noisy, D, 80.0, space).sum(0)) == pytest.approx(float(want))
+    assert by_hand["disparity"] != pytest.approx(float(by_hand["depth"]))
+
+
+def test_zero_shot_depth_per_image_mean():
+    """per_image: two images' AbsRel are averaged, not their pixels pooled (4 pixels against 1)."""
+    D = torch.tensor([[[1.0, 2.0, 4.0, 8.0]], [[1.0, 0, 0, 0]]])  # the second has one valid pixel
+    pred = 1 / D.clamp(min=1)
+    pred[0] = pred[0] + torch.tensor([0.05, -0.05, 0.05, -0.05])
+    pooled, mean = (E.absrel_of(E.zero_shot_depth(pred, D, 80.0, "disparity", per_image=b).sum(0)) for b in (False, True))
+    first = E.absrel_of(E.zero_shot_depth(pred[:1], D[:1], 80.0, "disparity").sum(0))
+    assert mean == pytest.approx(first / 2) and pooled == pytest.approx(first * 4 / 5)
+
+
+def test_kitti_garg_crop_and_80_m(tmp_path, monkeypatch):
+    """Only Garg's crop of each frame is scored, depth beyond 80 m and holes left out."""
+    make_kitti(tmp_path, n=1)
+    seen = []
+    real = E.zero_shot_depth
+    monkeypatch.setattr(E, "zero_shot_depth", lambda p, D, cap, *a, **k: seen.append(D.clone()) or real(p, D, cap, *a, **k))
+    results = E.main([tiny_checkpoint(tmp_path / "c.pt"), "--kitti", str(tmp_path), "--out", str(tmp_path / "ev")])
+    (D,) = seen
+    scored = D[0] > 0
+    rows, cols = scored.any(1).nonzero()[:, 0], scored.any(0).nonzero()[:, 0]
+    assert rows.min() >= int(0.40810811 * 38) and rows.max() < int(0.99189189 * 38)
+    assert cols.min() >= int(0.03594771 * 124) and cols.max() < int(0.96405229 * 124)
+    assert D.max() <= 80 and set(results["metrics"]) == {"kitti_zsdepth_absrel", "kitti_zsdepth_delta1"}

@@ -584,7 +584,7 @@ def test_imagenet_zero_shot_from_val_alone(tmp_path, monkeypatch):
     model = mtv.load_model(tmp_path / "c.pt")
     model.cfg.text.tokenizer = "/some/siglip"  # only the tokenizer's kind is read
     prompts.clear()
-    E.imagenet_suite(model, str(root), torch.device("cpu"), lambda s: None)
+    E.imagenet_suite(model, str(root), torch.device("cpu"), lambda s: None, E.parse_args(["x"]))
     assert "a bad photo of a tabby cat." in prompts and "a photo of the tench." in prompts
     assert "itap of a tench." in prompts and not any(p != p.lower() for p in prompts)
 
