@@ -1028,6 +1028,54 @@ class BenchmarkError(ValueError):
     """A benchmark folder that is not in the layout its reader expects (evaluate.py: exit 2)."""
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+WNID = re.compile(r"n\d{8}")  # WordNet synset ids, the folder names of the standard ImageNet layout
+
+
+def image_files(folder):
+    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTS))
+
+
+def load_image(path, size=None):
+    """Any image file -> uint8 (H, W, 3) RGB; with size, resized bicubic to the square input as
+    SigLIP's image processor does (no crop)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        return np.asarray(im.resize((size, size), Image.BICUBIC) if size else im)
+
+
+def read_png(path):
+    """A label map or 16-bit depth PNG as stored (uint8 / uint16 array)."""
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def read_synset_mapping(path):
+    """LOC_synset_mapping.txt layout: "FOLDER name, synonym, ..." per line -> {FOLDER: name}."""
+    names = {}
+    with open(path) as f:
+        for line in f:
+            key, _, rest = line.strip().partition(" ")
+            if key and rest:
+                names[key] = rest.split(",")[0].strip()
+    return names
+
+
+def read_imagenet(root):
+    """ILSVRC2012 as distributed: ROOT/val/CLASS/*.JPEG (enough for zero-shot) and, if present,
+    ROOT/train/CLASS/*.JPEG; classes are val's folders, sorted (for WordNet ids: the class index
+    order). Returns (classes, {split: [(path, class index), ...]})."""
+    if not os.path.isdir(os.path.join(root, "val")):
+        raise BenchmarkError(f"--imagenet {root}: no val/ folder (ILSVRC2012 layout: val/CLASS/*.JPEG)")
+    classes = sorted(e.name for e in os.scandir(os.path.join(root, "val")) if e.is_dir())
+    sets = {}
+    for split in ["val"] + ["train"] * os.path.isdir(os.path.join(root, "train")):
+        sets[split] = [(f, k) for k, c in enumerate(classes) for f in image_files(os.path.join(root, split, c))]
+        if not sets[split]:
+            raise BenchmarkError(f"--imagenet {root}: no images in {split}/CLASS/ folders")
+    return classes, sets
+
+
 def read_json(path, flag):
     try:
         with open(path) as f:
@@ -1141,8 +1189,7 @@ def read_nyu_eigen(root):
 
 def read_depth_png(path, scale=1000.0):
     """16-bit PNG depth -> float32 metres (0 stays 0: no measurement)."""
-    with Image.open(path) as im:
-        return np.asarray(im).astype(np.float32) / scale
+    return read_png(path).astype(np.float32) / scale
 
 
 def read_ade(root):

@@ -55,36 +55,12 @@ last 1/3 test them; zero-shot, retrieval, correspondence and grounding use every
   zsdepth_{absrel,delta1}      depth head, scale-shift aligned in inverse depth            KITTI/NYU zero-shot
   ground_acc, ground_name_acc  name -> its box among the image's boxes; box -> name        grounding
 
-Real data (any subset; only those run, add --data to also run the toy world), each read in the
-layout it is distributed in (readers in data.py; a folder that is not gets one line and exit 2).
-Images are resized to the model's square input (bicubic, as SiglipImageProcessor) unless the
-protocol says otherwise. README "Real benchmarks" tables each protocol's source and what differs.
-  --imagenet DIR  ILSVRC2012: DIR/val/WNID/*.JPEG (enough for zero-shot) and optionally
-                  DIR/train/WNID/*.JPEG -> in_zs_acc (CLIP's class names and 80 templates + the
-                  bare name, from open_clip; lower-cased for a SigLIP tokenizer), with train/ also
-                  in_lin_acc, in_knn_acc. --class-names FILE ("FOLDER name" per line) overrides
-                  the names; folders that are not WordNet ids are used as names
-  --coco DIR      DIR/dataset_coco.json (Karpathy's splits) and DIR/val2014/*.jpg: the 5,000 "test"
-                  images and all their captions -> coco_{i2t,t2i}_r{1,5,10}
-  --spair DIR     SPair-71k: DIR/PairAnnotation/test/*.json, DIR/JPEGImages/CLASS/*.jpg; 200 pairs
-                  per class (seed 20, as Probe3D), each image padded to a square and resized,
-                  keypoints transferred by nearest neighbour of final-layer patch features ->
-                  spair_pck (PCK@0.1 of the target box, mean over classes)
-  --nyu DIR       NYUv2 as BTS / Depth Anything lay it out: DIR/official_splits/{train,test}/
-                  SCENE/rgb_N.jpg with sync_depth_N.png (16-bit mm). Linear heads on the last layer
-                  and the four DPT taps trained by mini-batch on train (795), Eigen's 654 test
-                  images, Probe3D's 480-px centre crop, Eigen's crop, depth > 10 m or 0 ignored, RMSE
-                  per image averaged -> nyu_probe_rmse, nyu_probe_ml_rmse (gain over the position-
-                  only head), with a depth head nyu_zsdepth_{absrel,delta1}
-  --ade DIR       ADEChallengeData2016: DIR/images/{training,validation}/*.jpg with
-                  DIR/annotations/.../*.png (0 = ignored, 1..150); a linear head on the last layer
-                  trained by mini-batch on training, mIoU over 150 classes on validation at label
-                  resolution -> ade_miou (gain over the position-only head)
-  --kitti DIR     KITTI Eigen test with annotated depth, as BTS / Depth Anything: DIR/kitti_eigen_
-                  test_files_with_gt.txt, DIR/raw/DATE/DRIVE/image_02/data/N.png, DIR/data_depth_
-                  annotated/DRIVE/proj_depth/groundtruth/image_02/N.png; the depth head zero-shot,
-                  aligned per image in disparity, Garg crop, 80 m -> kitti_zsdepth_{absrel,delta1}
-                  (NYUv2's zero-shot depth likewise; --zs-depth-space depth scores depth instead)
+Real data (any subset of --imagenet --coco --spair --nyu --ade --kitti; only those run, add
+--data to also run the toy world), each folder read in the layout it is distributed in by a
+reader in data.py (one line and exit 2 when it is not), scored by the references' protocols:
+in_{zs,lin,knn}_acc, coco_{i2t,t2i}_r{1,5,10}, spair_pck, nyu_probe[_ml]_rmse,
+nyu_zsdepth_{absrel,delta1}, ade_miou, kitti_zsdepth_{absrel,delta1}. The layouts are in --help;
+README "Real benchmarks" tables each protocol's source and what differs from it.
 
 Outputs: OUT/results.json (tasks, seed, init, flat metrics with se, chance, ceiling and n, which
 are lower-is-better, skipped protocols) and OUT/results.md; OUT defaults to <checkpoint
@@ -924,47 +900,13 @@ def toy_grounding(m, model, scenes, device):
 
 
 # -----------------------------------------------------------------------------------------------
-# Real benchmarks in their usual layouts (see the module docstring), through the same protocols
-
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-
-
-def image_files(folder):
-    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTS))
-
-
-def load_image(path, size=None):
-    """Any image file -> uint8 (H, W, 3) RGB; with size, resized bicubic to the square input as
-    SigLIP's image processor does (no crop)."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        return np.asarray(im.resize((size, size), Image.BICUBIC) if size else im)
+# Real benchmarks, read in their distributed layouts by data.py's readers (see the module docstring)
 
 
 def resize_nearest(label, size):
     """(H, W) class map or depth map -> (size, size) float tensor, nearest neighbour (no mixing)."""
     t = torch.from_numpy(np.asarray(label, dtype=np.float32))[None, None]
     return F.interpolate(t, size=(size, size), mode="nearest")[0, 0]
-
-
-def need_dir(path, flag):
-    if not os.path.isdir(path):
-        fail(f"{flag} {path} is not a directory; see --help for the layout it expects")
-
-
-WNID = re.compile(r"n\d{8}")  # WordNet synset ids, the folder names of the standard ImageNet layout
-
-
-def read_synset_mapping(path):
-    """LOC_synset_mapping.txt layout: "FOLDER name, synonym, ..." per line -> {FOLDER: name}."""
-    names = {}
-    with open(path) as f:
-        for line in f:
-            key, _, rest = line.strip().partition(" ")
-            if key and rest:
-                names[key] = rest.split(",")[0].strip()
-    return names
 
 
 def clip_imagenet_metadata():
@@ -989,11 +931,11 @@ def imagenet_class_names(root, folders, names_file=None):
     if names_file:
         if not os.path.isfile(names_file):
             fail(f"--class-names {names_file} does not exist")
-        mapping = read_synset_mapping(names_file)
+        mapping = data.read_synset_mapping(names_file)
         if missing := [c for c in folders if c not in mapping]:
             fail(f"--class-names {names_file} has no name for class folder {missing[0]} ({len(missing)} missing)")
         return [mapping[c].replace("_", " ") for c in folders]
-    if not any(WNID.fullmatch(c) for c in folders):
+    if not any(data.WNID.fullmatch(c) for c in folders):
         return [c.replace("_", " ") for c in folders]
     from timm.data import ImageNetInfo  # open_clip depends on timm: its list of the 1,000 ids in order
     names, _ = clip_imagenet_metadata()
@@ -1007,18 +949,13 @@ def imagenet_class_names(root, folders, names_file=None):
 def imagenet_suite(model, root, device, skip, opts):
     """[ImageNet] zero-shot on val/ with CLIP's class names and 80 templates (lower-cased for a
     SigLIP tokenizer, as its captions were); with train/ also logistic regression and k-NN."""
-    need_dir(os.path.join(root, "val"), "--imagenet")
-    classes = sorted(e.name for e in os.scandir(os.path.join(root, "val")) if e.is_dir())
+    classes, sets = data.read_imagenet(root)
     S, m = model.cfg.vision.image_size, Scores()
-    splits = ["val"] + ["train"] * os.path.isdir(os.path.join(root, "train"))
     feats, labels = {}, {}
-    for split in splits:
-        items = [(f, k) for k, c in enumerate(classes) for f in image_files(os.path.join(root, split, c))]
-        if not items:
-            fail(f"--imagenet {root}: no images in {split}/CLASS/ folders")
+    for split, items in sets.items():
         want = ("pooled", "img") if split == "val" and hasattr(model, "text") else ("pooled",)
         feats[split] = extract(model, [f for f, _ in items], want, device, f"imagenet {split}",
-                               lambda f: load_image(f, S))
+                               lambda f: data.load_image(f, S))
         labels[split] = torch.tensor([k for _, k in items])
     yva = labels["val"]
     if hasattr(model, "text"):
@@ -1050,7 +987,7 @@ def coco_suite(model, root, device, skip, opts):
         return m
     files, captions, owner = data.read_coco_karpathy(root)
     S = model.cfg.vision.image_size
-    img = extract(model, files, ("img",), device, "coco images", lambda f: load_image(f, S))["img"]
+    img = extract(model, files, ("img",), device, "coco images", lambda f: data.load_image(f, S))["img"]
     sim = img @ embed_text(model, captions, device).T  # (images, captions)
     right = torch.arange(len(files))[:, None] == torch.tensor(owner)[None]  # (images, captions)
     for way, scores, r in (("i2t", sim, right), ("t2i", sim.T, right.T)):
@@ -1067,7 +1004,7 @@ def spair_suite(model, root, device, skip, opts):
     pairs = data.read_spair(root)
     S, m = model.cfg.vision.image_size, Scores()
     files = sorted({p[k] for p in pairs for k in ("src", "trg")})
-    load = lambda f: np.asarray(Image.fromarray(data.pad_square(load_image(f))).resize((S, S), Image.BICUBIC))
+    load = lambda f: np.asarray(Image.fromarray(data.pad_square(data.load_image(f))).resize((S, S), Image.BICUBIC))
     P = extract(model, files, ("patch",), device, "spair images", load)["patch"]
     row, classes = {f: i for i, f in enumerate(files)}, sorted({p["category"] for p in pairs})
     parts = {"model": [], "chance": [], "ceiling": []}
@@ -1082,11 +1019,6 @@ def spair_suite(model, root, device, skip, opts):
     parts = {k: torch.stack(v) for k, v in parts.items()}
     m.add("spair_pck", parts["model"], class_mean, chance=parts["chance"], ceiling=parts["ceiling"])
     return m
-
-
-def read_labels(path):
-    with Image.open(path) as im:
-        return np.asarray(im)
 
 
 # The real dense benchmarks train linear heads by mini-batch (DINOv2's linear ADE20K and NYUv2
@@ -1181,7 +1113,7 @@ def nyu_suite(model, root, device, skip, opts):
     sets, S, m = data.read_nyu_eigen(root), model.cfg.vision.image_size, Scores()
 
     def load(pair, size=S):
-        image, depth = (centre_square(a) for a in (load_image(pair[0]), data.read_depth_png(pair[1])))
+        image, depth = (centre_square(a) for a in (data.load_image(pair[0]), data.read_depth_png(pair[1])))
         x = np.asarray(Image.fromarray(image).resize((S, S), Image.BICUBIC))
         d = torch.from_numpy(np.ascontiguousarray(depth))
         return x, d if size is None else resize_nearest(d, size)
@@ -1245,7 +1177,7 @@ def kitti_suite(model, root, device, skip, opts):
         r0, r1, c0, c1 = GARG_CROP
         frame = torch.zeros(H, W, dtype=torch.bool)
         frame[int(r0 * H):int(r1 * H), int(c0 * W):int(c1 * W)] = True
-        inv = extract(model, [load_image(image_path, S)], ("depth",), device, None)["depth"]
+        inv = extract(model, [data.load_image(image_path, S)], ("depth",), device, None)["depth"]
         inv = F.interpolate(inv[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
         keep = (D > 0) & (D <= KITTI_CAP) & frame
         parts.append(zero_shot_depth(inv, torch.where(keep, D, 0.0), KITTI_CAP, opts.zs_depth_space, per_image=True))
@@ -1267,8 +1199,8 @@ def ade_suite(model, root, device, skip, opts):
     sets, S, m = data.read_ade(root), model.cfg.vision.image_size, Scores()
 
     def load(pair, size=S):
-        label = torch.from_numpy(read_labels(pair[1]).astype(np.int64)) - 1  # 0 "other" -> -1, ignored
-        return load_image(pair[0], S), label if size is None else resize_nearest(label, size).long()
+        label = torch.from_numpy(data.read_png(pair[1]).astype(np.int64)) - 1  # 0 "other" -> -1, ignored
+        return data.load_image(pair[0], S), label if size is None else resize_nearest(label, size).long()
 
     kinds = ("patch", "position")
     ce = lambda logits, y: F.cross_entropy(logits, y, ignore_index=-1) if (y >= 0).any() else logits.sum() * 0
