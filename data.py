@@ -1028,12 +1028,12 @@ class BenchmarkError(ValueError):
     """A benchmark folder that is not in the layout its reader expects (evaluate.py: exit 2)."""
 
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 WNID = re.compile(r"n\d{8}")  # WordNet synset ids, the folder names of the standard ImageNet layout
 
 
 def image_files(folder):
-    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_EXTS))
+    """Image files of a folder (any extension of IMAGE_EXTS, any case), sorted."""
+    return sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().rsplit(".", 1)[-1] in IMAGE_EXTS)
 
 
 def load_image(path, size=None):
