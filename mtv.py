@@ -559,23 +559,30 @@ class MTV(nn.Module):
 
     # Training: everything the enabled tasks need, each tower run once per kind of view.
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, ssl: bool = True) -> dict:
+        """ssl=False (train.py before --ssl-start): the ssl heads and views are left out, so that
+        the tower runs on the caption views alone and DDP sees those parameters unused."""
         tasks, out = self.tasks, {}
         views = batch["global"]  # (G*B, 3, S, S) view-major: view 0 of every image, then view 1, ...
         # ssl reads the last two global views (DINO's pair; iBOT masks the last): views 0 and 1, or
         # with separate ssl views (data.AugConfig.ssl_views) views 1 and 2 after the caption view 0.
         b = len(batch["ibot_mask"]) if "ssl" in tasks else len(views)
+        ssl = ssl and "ssl" in tasks
         mask = None
-        if "ssl" in tasks:  # the caption view stays clean for clip, depth and ground
+        if ssl:  # the caption view stays clean for clip, depth and ground
             m = batch["ibot_mask"]  # (B, N)
             mask = torch.cat([m.new_zeros((len(views) - b, m.shape[1])), m])  # (G*B, N)
+        else:
+            views = views[:b]
         layers = self.depth_head.layers if "depth" in tasks else ()
-        vis = self.vision(views, mask=mask, layers=layers, pool="clip" in tasks or "ssl" in tasks)
+        vis = self.vision(views, mask=mask, layers=layers, pool="clip" in tasks or ssl)
         if "clip" in tasks:
-            out["logit_scale"], out["logit_bias"] = self.logit_scale.exp(), self.logit_bias
+            # the bias as a copy, not the parameter itself: DDP looks for unused parameters (before
+            # --ssl-start) in the outputs' autograd graph, which a bare parameter is not part of
+            out["logit_scale"], out["logit_bias"] = self.logit_scale.exp(), self.logit_bias.clone()
             out["img"] = F.normalize(vis["pooled"][:b], dim=-1)  # (B, D)
             out["txt"] = self.encode_text(batch["text"])  # (B, D)
-        if "ssl" in tasks:
+        if ssl:
             out["dino_global"] = self.dino_head(vis["pooled"][-2 * b:])  # (2B, K)
             out["pooled"] = vis["pooled"][-2 * b:]  # (2B, W) student global features, for KoLeo
             if "local" in batch:  # DINO multi-crop; without local crops only the two global views pair up
@@ -592,7 +599,8 @@ class MTV(nn.Module):
             out["region"] = regions.flatten(0, 1)[first]  # (R, D) row-major, the order of name_tokens
             # names are tokenized shorter than captions (`name_length`), hence their own text pass
             out["name"] = self.encode_text(batch["name_tokens"])  # (R, D)
-            out["ground_logit_scale"], out["ground_logit_bias"] = self.ground_logit_scale.exp(), self.ground_logit_bias
+            out["ground_logit_scale"] = self.ground_logit_scale.exp()
+            out["ground_logit_bias"] = self.ground_logit_bias.clone()  # a copy: see logit_bias
         return out
 
     def ssl_teacher(self) -> nn.Module:

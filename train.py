@@ -535,7 +535,7 @@ def validate(model, teacher, objectives, loader, n_batches, device, autocast, te
             break
         batch = to_device(batch, device)
         with autocast:
-            out = model(batch)
+            out = model(batch, ssl=teacher is not None)
             target = teacher(batch) if teacher is not None else None
         _, logs = objectives(out, target, batch, teacher_temp)
         for k, v in logs.items():
@@ -742,7 +742,7 @@ def train_step(r, batch, lr, wd):
     if ssl_on and r.step == start > 0:
         ema_update(r.teacher, r.model, 0.0)  # SigLIP 2: the teacher starts as a copy of the student
     with r.autocast:
-        out = r.student(batch)
+        out = r.student(batch, ssl=ssl_on)
         target = r.teacher(batch) if ssl_on else None  # no target: Objectives leaves ssl out
     temp = losses.teacher_temp_schedule(max(r.step - start, 0), int(0.3 * span), 0.04, cfg.teacher_temp)
     parts, logs = r.objectives(out, target, batch, temp)

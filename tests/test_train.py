@@ -134,11 +134,14 @@ def test_sigkill_and_resume_is_exact(shards, tmp_path):
     assert steps == list(range(1, 9))  # the log has no duplicated steps after the resume
 
 
-def test_torchrun_two_processes(shards, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--ssl-start", "0.5", "--ssl-views", "separate"]])
+def test_torchrun_two_processes(shards, tmp_path, extra):
+    """DDP over gloo; also with ssl joining halfway (the ssl heads unused before it) and ssl on views
+    of its own."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(ROOT / "train.py"), "--tasks", "clip,ssl,depth,ground", "--data", shards["train"],
-           "--out", str(out), "--steps", "2", *FAST]
+           "--out", str(out), "--steps", "2", *FAST, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
