@@ -1061,16 +1061,23 @@ def read_synset_mapping(path):
     return names
 
 
-def read_imagenet(root):
-    """ILSVRC2012 as distributed: ROOT/val/CLASS/*.JPEG (enough for zero-shot) and, if present,
-    ROOT/train/CLASS/*.JPEG; classes are val's folders, sorted (for WordNet ids: the class index
-    order). Returns (classes, {split: [(path, class index), ...]})."""
+IMAGENET_TRAIN_PER_CLASS = 50  # the probes' full-batch fits hold every training feature (and a one-hot row)
+
+
+def read_imagenet(root, train_per_class=IMAGENET_TRAIN_PER_CLASS):
+    """ILSVRC2012 in the usual folder layout: ROOT/val/CLASS/*.JPEG (enough for zero-shot; the val
+    archive ships flat, and the common valprep script sorts it into class folders) and, if
+    present, ROOT/train/CLASS/*.JPEG, of which the first `train_per_class` per class (by name)
+    train the linear and k-NN probes: all 1.28M would need ~30 GB for the full-batch fit. Classes
+    are val's folders, sorted (for WordNet ids: the class index order). Returns (classes, {split:
+    [(path, class index), ...]})."""
     if not os.path.isdir(os.path.join(root, "val")):
         raise BenchmarkError(f"--imagenet {root}: no val/ folder (ILSVRC2012 layout: val/CLASS/*.JPEG)")
     classes = sorted(e.name for e in os.scandir(os.path.join(root, "val")) if e.is_dir())
     sets = {}
     for split in ["val"] + ["train"] * os.path.isdir(os.path.join(root, "train")):
-        sets[split] = [(f, k) for k, c in enumerate(classes) for f in image_files(os.path.join(root, split, c))]
+        keep = train_per_class if split == "train" else None
+        sets[split] = [(f, k) for k, c in enumerate(classes) for f in image_files(os.path.join(root, split, c))[:keep]]
         if not sets[split]:
             raise BenchmarkError(f"--imagenet {root}: no images in {split}/CLASS/ folders")
     return classes, sets

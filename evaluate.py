@@ -937,8 +937,8 @@ def imagenet_class_names(root, folders, names_file=None):
         return [mapping[c].replace("_", " ") for c in folders]
     if not any(data.WNID.fullmatch(c) for c in folders):
         return [c.replace("_", " ") for c in folders]
+    names, _ = clip_imagenet_metadata()  # fails in one line without open_clip (and so without timm)
     from timm.data import ImageNetInfo  # open_clip depends on timm: its list of the 1,000 ids in order
-    names, _ = clip_imagenet_metadata()
     index = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
     if unknown := [c for c in folders if c not in index]:
         fail(f"--imagenet {root}: class folder {unknown[0]} is not one of ILSVRC2012's 1,000 classes; "
@@ -1337,12 +1337,13 @@ def run_group(run_dir, tasks):
     their own while the seeds of one recipe are one row."""
     name = os.path.basename(os.path.normpath(run_dir))
     stem = re.fullmatch(r"(.+)-seed\d+", name)
-    return tuple(t for t in mtv.ALL_TASKS if t in tasks), stem.group(1) if stem else ""
+    tasks = tuple(t for t in mtv.ALL_TASKS if t in tasks)
+    return tasks, stem.group(1) if stem else "+".join(tasks)  # a run without -seedN: a row of its tasks
 
 
 def compare(run_dirs, out):
-    """Rows = task sets (runs with the same tasks are seeds), columns = key metrics: the paper's
-    Figure 1 layout, as Markdown and a radar. The untrained model (eval-init of any run; one per
+    """Rows = task sets, or recipes of a task set (run_group: runs of one row are its seeds),
+    columns = key metrics: the paper's Figure 1 layout, as Markdown and a radar. The untrained model (eval-init of any run; one per
     seed) is the first row, chance and ceiling rows frame the table, and two more tables give
     every row's difference from the first trained row and from the untrained one."""
     groups, inits = {}, {}

@@ -129,13 +129,14 @@ def parse_args(argv):
         "ssl_start": "fraction of the steps (0..1) before the ssl losses join: until then no ssl loss and no "
                      "teacher update; at it the teacher is set to the student and the teacher's schedules "
                      "(momentum, temperature warmup, frozen prototypes) run over the remaining steps. "
-                     "SigLIP 2 adds its self-distillation at 0.8",
+                     "SigLIP 2 adds its self-distillation at 0.8. The loader still makes the ssl views before "
+                     "it (the model skips them)",
         "ssl_views": "which global views ssl reads, with clip: shared = the caption view and one more (DINO's "
                      "two global views, the first also scored by SigLIP); separate = two views of their own, "
                      "the caption view serving only clip, depth and ground (SigLIP 2 keeps SigLIP on the clean "
                      "image and self-distils other views; one more global view per image)",
-        "hue": "hue shift in +-HUE of the colour circle on the views only ssl reads (the second global view "
-               "and the local crops; DINO: 0.1); the caption view never changes colour",
+        "hue": "hue shift in +-HUE of the colour circle on the views only ssl reads (the global views after the "
+               "caption view, and the local crops; DINO: 0.1); the caption view never changes colour",
         "grayscale": "probability of grayscale on the views only ssl reads (DINO: 0.2)",
         "caption_jitter": "brightness/contrast/saturation jitter (factors in 1 +- this) of the view the caption "
                           "describes, with clip; the other views keep 0.4. SLIP gives its CLIP view none: 0",
@@ -727,7 +728,7 @@ def frozen_prototypes(model):
 def ssl_phase(r):
     """(first step of the ssl losses, number of steps they run for): --ssl-start F delays them to a
     fraction F of the run (SigLIP 2: 0.8), and the teacher's schedules then run over what is left."""
-    start = round(r.cfg.ssl_start * r.total)
+    start = min(round(r.cfg.ssl_start * r.total), r.total - 1) if r.cfg.ssl_start > 0 else 0  # ssl gets >= 1 step
     return start, max(r.total - start, 1)
 
 

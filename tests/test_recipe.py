@@ -261,3 +261,12 @@ def test_prototypes_flag_sets_both_heads(shards, tmp_path):
     assert heads["dino_prototypes"] == heads["ibot_prototypes"] == 24
     assert ck["model"]["dino_head.last_layer.parametrizations.weight.original1"].shape[0] == 24
     assert mtv.load_model(tmp_path / "k" / "checkpoint.pt").dino_head.last_layer.out_features == 24
+
+
+def test_ssl_start_leaves_ssl_at_least_one_step():
+    """0.99 of 50 steps rounds to 50: ssl would never join; it joins at the last step instead."""
+    from types import SimpleNamespace
+    run_ = SimpleNamespace(cfg=train.TrainConfig(ssl_start=0.99), total=50)
+    assert train.ssl_phase(run_) == (49, 1)
+    assert train.ssl_phase(SimpleNamespace(cfg=train.TrainConfig(ssl_start=0.8), total=1500)) == (1200, 300)
+    assert train.ssl_phase(SimpleNamespace(cfg=train.TrainConfig(), total=10)) == (0, 10)
