@@ -1369,8 +1369,8 @@ def compare(run_dirs, out):
                                                   if r[ref].get(k) is not None]) else None)
                 for ref in ("chance", "ceiling")} for k in names}
     rows = [("init (untrained)", sorted(inits.values(), key=lambda r: str(r["seed"])))] if inits else []
-    rows += [("+".join(ts) + (f" [{name}]" if name and name != "+".join(ts) else ""), groups[(ts, name)])
-             for ts, name in order]
+    rows += [("+".join(ts) + (f" [{name}]" if name != "+".join(ts) else ""), groups[(ts, name)])
+             for ts, name in order]  # run_group names every row; a row named by its tasks needs no tag
     stats = [(label, row_stats(results, names)) for label, results in rows]
 
     def cell(s):
