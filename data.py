@@ -1243,6 +1243,73 @@ def read_kitti_eigen(root, listing=None):
     return pairs
 
 
+
+NAVI_MAX_ANGLE = 120.0  # degrees: Probe3D pairs a photo with one whose view differs by at most this
+NAVI_EVERY = 4  # Probe3D keeps every 4th photo as a pair's first image
+NAVI_SEED = 8
+
+
+def quaternion_matrix(q):
+    """(w, x, y, z) quaternion, NAVI's camera rotation -> (3, 3) rotation matrix."""
+    w, x, y, z = np.asarray(q, np.float64)
+    s = 2.0 / (w * w + x * x + y * y + z * z)
+    return np.array([[1 - s * (y * y + z * z), s * (x * y - z * w), s * (x * z + y * w)],
+                     [s * (x * y + z * w), 1 - s * (x * x + z * z), s * (y * z - x * w)],
+                     [s * (x * z - y * w), s * (y * z + x * w), 1 - s * (x * x + y * y)]])
+
+
+def navi_photos(folder, flag):
+    """One NAVI collection: {photo id: image, depth, focal, size (original h, w), pose ((4, 4)
+    object-to-camera, metres)}, with Probe3D's downsampled_ID copies where its resize script made them."""
+    notes = read_json(os.path.join(folder, "annotations.json"), flag)
+    try:
+        notes = {os.path.splitext(a["filename"])[0]: a for a in notes}
+        photos = {}
+        for f in sorted(os.listdir(os.path.join(folder, "images"))):
+            pid, ext = os.path.splitext(f)
+            if ext.lower() != ".jpg" or "_" in pid or pid not in notes:  # "_": the downsampled copies
+                continue
+            a, small = notes[pid], os.path.join(folder, "images", "downsampled_" + f)
+            pose = np.eye(4)
+            pose[:3, :3], pose[:3, 3] = quaternion_matrix(a["camera"]["q"]), np.asarray(a["camera"]["t"]) / 1000.0
+            prefix = "downsampled_" * os.path.isfile(small)
+            photos[pid] = {"image": os.path.join(folder, "images", prefix + f),
+                           "depth": os.path.join(folder, "depth", prefix + pid + ".png"),
+                           "focal": float(a["camera"]["focal_length"]), "size": tuple(a["image_size"]), "pose": pose}
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        raise BenchmarkError(f"{flag}: {folder} is not a NAVI collection ({type(e).__name__}: {e})") from None
+    need_files([p["depth"] for p in photos.values()], flag, f"depth maps of {folder} are")
+    return photos
+
+
+def read_navi(root, max_angle=NAVI_MAX_ANGLE, every=NAVI_EVERY, seed=NAVI_SEED):
+    """NAVI v1 as distributed: ROOT/OBJECT/wild_set/ (and the object's multiview_* folders) with
+    images/ID.jpg, depth/ID.png (16-bit) and annotations.json (per photo: filename, image_size [h, w],
+    camera {q (w, x, y, z), t (mm), focal_length (px)}: the object-to-camera pose). Probe3D's test
+    pairs: the wild-set photos of every object that also has another collection, each paired with a
+    photo of the same object whose camera rotation differs by more than 0 and at most max_angle
+    degrees, drawn uniformly (seeded; Probe3D's draw follows an unsorted directory listing), and
+    every `every`-th photo in (object, id) order kept as a first image. Returns [(photo, photo)]."""
+    flag = "--navi"
+    objects = sorted(d for d in glob.glob(os.path.join(root, "*", "wild_set")) if os.path.isdir(d))
+    if not objects:
+        raise BenchmarkError(f"{flag} {root}: no OBJECT/wild_set/ folders (NAVI v1 layout)")
+    g, firsts = torch.Generator().manual_seed(seed), []
+    for folder in objects:
+        if len([d for d in os.listdir(os.path.dirname(folder)) if os.path.isdir(os.path.join(os.path.dirname(folder), d))]) < 2:
+            continue  # Probe3D skips objects with a wild set alone
+        photos = list(navi_photos(folder, flag).values())
+        R = np.stack([p["pose"][:3, :3] for p in photos])
+        trace = np.einsum("aij,bij->ab", R, R)  # trace(Ra Rb^T)
+        angle = np.degrees(np.arccos(np.clip((trace - 1) / 2, -1, 1)))
+        for i, p in enumerate(photos):
+            allowed = torch.from_numpy((angle[i] > 0) & (angle[i] <= max_angle)).double()
+            if allowed.sum() > 0:
+                firsts.append((p, photos[int(torch.multinomial(allowed, 1, generator=g))]))
+    if not firsts:
+        raise BenchmarkError(f"{flag} {root}: no wild-set photo has a partner within {max_angle:g} degrees")
+    return firsts[::every]
+
 # -----------------------------------------------------------------------------
 # Command line: write toy-world shards, or preview a shard
 

@@ -7,7 +7,7 @@ protocol has a toy twin; at the default 2,000 scenes a `micro` model at 32 px is
 minute on one CPU core (65 s for an ssl model). The same code runs on real data.
 
     python evaluate.py CHECKPOINT [--data GLOB] [--n N] [--init] [--out DIR] [--device DEV]
-    python evaluate.py CHECKPOINT --imagenet DIR --coco DIR --spair DIR --nyu DIR --ade DIR --kitti DIR
+    python evaluate.py CHECKPOINT --imagenet DIR --coco DIR --spair DIR --navi DIR --nyu DIR --ade DIR --kitti DIR
     python evaluate.py --compare RUN_DIR ... [--out DIR]
 
 CHECKPOINT is a train.py checkpoint.pt, or a directory with a
@@ -55,10 +55,10 @@ last 1/3 test them; zero-shot, retrieval, correspondence and grounding use every
   zsdepth_{absrel,delta1}      depth head, scale-shift aligned in inverse depth            KITTI/NYU zero-shot
   ground_acc, ground_name_acc  name -> its box among the image's boxes; box -> name        grounding
 
-Real data (any subset of --imagenet --coco --spair --nyu --ade --kitti; only those run, add
+Real data (any subset of --imagenet --coco --spair --navi --nyu --ade --kitti; only those run, add
 --data to also run the toy world), each folder read in the layout it is distributed in by a
 reader in data.py (one line and exit 2 when it is not), scored by the references' protocols:
-in_{zs,lin,knn}_acc, coco_{i2t,t2i}_r{1,5,10}, spair_pck, nyu_probe[_ml]_rmse,
+in_{zs,lin,knn}_acc, coco_{i2t,t2i}_r{1,5,10}, spair_pck, navi_recall_{1,2,5}cm, nyu_probe[_ml]_rmse,
 nyu_zsdepth_{absrel,delta1}, ade_miou, kitti_zsdepth_{absrel,delta1}. The layouts are in --help;
 README "Real benchmarks" tables each protocol's source and what differs from it.
 
@@ -119,10 +119,10 @@ STANDS_FOR = {  # metric-name prefix -> the paper's benchmark the protocol stand
     "depth_probe_": "NYUv2 depth probe", "seg_": "ADE20K segmentation",
     "corr_": "NAVI / SPair correspondence", "zsdepth_": "zero-shot depth (KITTI / NYU)",
     "ground_": "grounding", "in_": "ImageNet", "coco_": "COCO", "nyu_": "NYUv2", "ade_": "ADE20K",
-    "spair_": "SPair-71k", "kitti_": "KITTI"}
+    "spair_": "SPair-71k", "navi_": "NAVI", "kitti_": "KITTI"}
 KEY_METRICS = (  # Figure 1's columns, in its order, then the rest of ours
     "zs_color_acc", "zs_shape_acc", "zs_present_acc", "in_zs_acc", "ret_i2t_r1", "ret_i2t_r5", "coco_i2t_r1",
-    "seg_miou", "seg_obj_miou", "seg_ml_miou", "seg_ml_obj_miou", "ade_miou", "corr_recall", "spair_pck", "depth_probe_rmse",
+    "seg_miou", "seg_obj_miou", "seg_ml_miou", "seg_ml_obj_miou", "ade_miou", "corr_recall", "spair_pck", "navi_recall_2cm", "depth_probe_rmse",
     "depth_probe_obj_rmse", "depth_probe_ml_rmse", "depth_probe_ml_obj_rmse", "nyu_probe_rmse", "nyu_probe_ml_rmse",
     "zsdepth_absrel", "kitti_zsdepth_absrel",
     "ground_acc", "lin_shape_acc", "lin_count_acc", "obj_shape_acc", "obj_color_acc", "obj_shape_ml_acc",
@@ -1021,6 +1021,103 @@ def spair_suite(model, root, device, skip, opts):
     return m
 
 
+
+NAVI_SIDE = 512  # Probe3D's frame: the shorter side resized to 512 (nearest), centre-cropped square
+NAVI_GRID = 128  # matching grid: a quarter of the frame (Probe3D's scale_factor 0.25)
+NAVI_MATCHES = 1000  # the most distinctive matches kept per pair (Probe3D's num_corr)
+NAVI_CM = (1, 2, 5)  # recall thresholds, centimetres
+
+
+def navi_view(photo, size):
+    """One NAVI photo as Probe3D prepares it: shorter side to NAVI_SIDE and centre crop (nearest),
+    NAVI's 16-bit depth decoded to metres, every pixel lifted to its camera-frame point (the
+    principal point at the centre), then the object's square box (Probe3D's bbox_crop: the longer
+    side of the box of pixels with depth, centred, shifted into the frame where it would leave it).
+    -> (uint8 (size, size, 3) image for the model, (NAVI_GRID, NAVI_GRID, 3) points in metres, z = 0
+    where there is no depth)."""
+    rgb, raw = torch.from_numpy(data.load_image(photo["image"]).copy()), torch.from_numpy(data.read_png(photo["depth"]).astype(np.float32))
+    h, w = rgb.shape[:2]
+    short = (NAVI_SIDE, int(NAVI_SIDE * w / h)) if h <= w else (int(NAVI_SIDE * h / w), NAVI_SIDE)  # torchvision's Resize
+    frame = lambda t: centre_square(F.interpolate(t.permute(2, 0, 1)[None].float(), size=short, mode="nearest")[0].permute(1, 2, 0))
+    rgb, raw = frame(rgb), frame(raw[..., None])[..., 0]
+    depth = torch.where(raw > 0, 655.35 / raw.clamp(min=1), 0)  # Probe3D's read_depth: 65535 * 10 / value mm
+    if not (depth > 0).any():
+        raise data.BenchmarkError(f"--navi: {photo['depth']} has no depth inside the centre crop")
+    f = photo["focal"] * NAVI_SIDE / min(photo["size"])
+    v, u = torch.meshgrid(torch.arange(NAVI_SIDE) + 0.5, torch.arange(NAVI_SIDE) + 0.5, indexing="ij")
+    xyz = torch.stack([(u - NAVI_SIDE / 2) * depth / f, (v - NAVI_SIDE / 2) * depth / f, depth], -1)
+    ys, xs = torch.nonzero(depth > 0, as_tuple=True)
+    low, high = torch.stack([ys.min(), xs.min()]), torch.stack([ys.max(), xs.max()])
+    side = int((high - low).max())
+    start = low - (side - (high - low)) // 2
+    if (start < 0).any() or (start + side > NAVI_SIDE).any():
+        start = (low - (side - (high - low))).clamp(min=0)
+    (t, l) = start.tolist()
+    box = lambda a: a[t:t + side, l:l + side].permute(2, 0, 1)[None].float()
+    image = np.asarray(Image.fromarray(rgb[t:t + side, l:l + side].byte().numpy()).resize((size, size), Image.BICUBIC))
+    return image, F.interpolate(box(xyz), size=(NAVI_GRID, NAVI_GRID), mode="nearest")[0].permute(1, 2, 0)
+
+
+def navi_matches(Fa, Fb, pa, pb, n=NAVI_MATCHES, chunk=2048):
+    """Probe3D's NAVI matching of one pair: patch features (h, w, W) upsampled bicubic to the point
+    grid, the pixels with depth of each photo (pa, pb: (G, G, 3) points) kept, each point of a
+    matched to its nearest neighbour in b by cosine distance, ranked by Lowe's ratio test (1 -
+    d1 / d2) and the n most distinctive kept -> (a's points (m, 3), their matches' points (m, 3))."""
+    grid = lambda Fx, p: F.normalize(F.interpolate(Fx.permute(2, 0, 1)[None].float(), size=p.shape[:2], mode="bicubic")[0]
+                                      .permute(1, 2, 0)[p[..., 2] > 0], dim=-1)
+    fa, fb = grid(Fa, pa), grid(Fb, pb)
+    best, weight = [], []
+    for i in range(0, len(fa), chunk):
+        d, j = (1 - fa[i:i + chunk] @ fb.T).topk(2, dim=1, largest=False)  # cosine distances
+        d = d.clamp(min=1e-9)
+        best.append(j[:, 0])
+        weight.append(1 - d[:, 0] / d[:, 1])
+    keep = torch.cat(weight).topk(min(n, len(fa))).indices
+    return pa[pa[..., 2] > 0][keep], pb[pb[..., 2] > 0][torch.cat(best)[keep]]
+
+
+def relative_pose(a, b):
+    """(4, 4) object-to-camera poses of two photos -> the (4, 4) map from camera a's frame to b's."""
+    return torch.from_numpy(b @ np.linalg.inv(a)).float()
+
+
+def navi_parts(moved, matched, pb, chunk=2048):
+    """Recall parts of one pair at NAVI_CM: moved (m, 3) the matched points of photo a in camera b's
+    frame, matched (m, 3) the points of b they were matched to, pb b's point grid. Rows (3, 2) of
+    [right, counted] for the model; chance (a uniformly random point of b) and ceiling (b's point
+    nearest the truth: perfect features), over the same matched points of a."""
+    cm = torch.tensor(NAVI_CM, dtype=torch.float64) / 100
+    err = (moved - matched).norm(dim=1).double()
+    near = torch.cat([torch.cdist(moved[i:i + chunk], pb[pb[..., 2] > 0]) for i in range(0, len(moved), chunk)]).double()
+    right = {"model": (err[:, None] < cm).sum(0), "chance": (near[..., None] < cm).double().mean(1).sum(0),
+             "ceiling": (near.min(1).values[:, None] < cm).sum(0)}
+    return {k: torch.stack([v.double(), torch.full_like(cm, len(err))], 1) for k, v in right.items()}
+
+
+def navi_suite(model, root, device, skip, opts):
+    """[NAVI] Probe3D's correspondence protocol on the wild-set pairs (data.read_navi): each photo
+    cropped to its object (navi_view), final-layer patch features, the 1,000 most distinctive
+    ratio-test matches per pair (navi_matches); a match is right if the 3-D point of the first photo,
+    moved into the second camera by the known poses, lies within 1, 2 or 5 cm of the matched
+    point: recall over all pairs' matches, at each threshold."""
+    pairs = data.read_navi(root)
+    S, m = model.cfg.vision.image_size, Scores()
+    photos = sorted({p["image"]: p for pair in pairs for p in pair}.values(), key=lambda p: p["image"])
+    row = {p["image"]: i for i, p in enumerate(photos)}
+    views = [navi_view(p, S) for p in tqdm(photos, desc="navi photos", leave=False)]
+    P = extract(model, [v[0] for v in views], ("patch",), device, "navi images")["patch"]
+    parts = {"model": [], "chance": [], "ceiling": []}
+    for a, b in pairs:
+        (ia, ib), pb = (row[a["image"]], row[b["image"]]), views[row[b["image"]]][1]
+        found, matched = navi_matches(P[ia], P[ib], views[ia][1], pb)
+        pose = relative_pose(a["pose"], b["pose"])
+        for k, v in navi_parts(found @ pose[:3, :3].T + pose[:3, 3], matched, pb).items():
+            parts[k].append(v)
+    for i, cm in enumerate(NAVI_CM):
+        got = {k: torch.stack(v)[:, i] for k, v in parts.items()}
+        m.add(f"navi_recall_{cm}cm", got["model"], chance=got["chance"], ceiling=got["ceiling"])
+    return m
+
 # The real dense benchmarks train linear heads by mini-batch (DINOv2's linear ADE20K and NYUv2
 # heads, Probe3D's depth probe): the closed-form toy probes would hold every training token at once
 # (ADE20K: 20k images x 196 tokens x 768 = 12 GB). Features are recomputed for every batch, so
@@ -1220,7 +1317,7 @@ def ade_suite(model, root, device, skip, opts):
 
 
 SUITES = {"imagenet": imagenet_suite, "coco": coco_suite, "ade": ade_suite, "nyu": nyu_suite,
-          "spair": spair_suite, "kitti": kitti_suite}
+          "spair": spair_suite, "navi": navi_suite, "kitti": kitti_suite}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1436,6 +1533,7 @@ def parse_args(argv):
     for name, layout in (("imagenet", "DIR/val/WNID/*.JPEG (+ DIR/train/WNID/ for the probes)"),
                          ("coco", "DIR/dataset_coco.json (Karpathy's splits) + DIR/val2014/*.jpg"),
                          ("spair", "DIR/PairAnnotation/test/*.json + DIR/JPEGImages/CLASS/*.jpg (SPair-71k)"),
+                         ("navi", "DIR/OBJECT/wild_set/{images/*.jpg,depth/*.png,annotations.json} (NAVI v1)"),
                          ("nyu", "DIR/official_splits/{train,test}/SCENE/rgb_N.jpg + sync_depth_N.png (BTS)"),
                          ("ade", "DIR/{images,annotations}/{training,validation}/ (ADEChallengeData2016)"),
                          ("kitti", "DIR/kitti_eigen_test_files_with_gt.txt + DIR/raw/ + DIR/data_depth_annotated/")):

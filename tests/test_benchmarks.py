@@ -117,6 +117,147 @@ def test_spair_bad_folder_one_line(tmp_path, capsys, breakage, message):
     assert e.value.code == 2 and message in err and "\n" not in err
 
 
+
+# -- NAVI (Probe3D's wild-set correspondence) ---------------------------------------------------
+
+
+def make_navi(root, angles=(0, 90, 180), obj="bottle", multiview=True, h=48, w=64, box=(10, 30, 20, 50)):
+    """One object's wild set: photo i seen by a camera turned angles[i] degrees about the object's
+    y axis, t = (0, 0, 1000 (i + 1)) mm, focal 100 px; depth 655 (= 1.0005 m in NAVI's 16-bit
+    coding) inside box (rows r0:r1, cols c0:c1), 0 elsewhere. multiview: a multiview_00 folder
+    beside it (Probe3D skips objects without one)."""
+    folder = root / obj / "wild_set"
+    (folder / "depth").mkdir(parents=True, exist_ok=True)
+    if multiview:
+        (root / obj / "multiview_00").mkdir(exist_ok=True)
+    notes = []
+    for i, deg in enumerate(angles):
+        noise_image(folder / "images" / f"{i:03d}.jpg", 500 + i, w, h)
+        depth = np.zeros((h, w), np.uint16)
+        depth[box[0]:box[1], box[2]:box[3]] = 655
+        Image.fromarray(depth).save(folder / "depth" / f"{i:03d}.png")
+        half = np.radians(deg) / 2
+        notes.append({"filename": f"{i:03d}.jpg", "image_size": [h, w],
+                      "camera": {"q": [np.cos(half), 0, np.sin(half), 0], "t": [0, 0, 1000 * (i + 1)], "focal_length": 100.0}})
+    (folder / "annotations.json").write_text(json.dumps(notes))
+    return folder
+
+
+def test_navi_reader_pairs_within_120_degrees(tmp_path):
+    """Photos at 0, 90 and 180 degrees: 0 and 180 are 180 degrees apart, so each pairs with the 90
+    one; an object without another collection is skipped; poses in metres from NAVI's quaternion
+    (w, x, y, z); Probe3D's downsampled_ copies are read where they exist and are not photos."""
+    folder = make_navi(tmp_path)
+    make_navi(tmp_path, obj="lonely", multiview=False)
+    for f in ("images/downsampled_000.jpg", "depth/downsampled_000.png"):
+        (folder / f).write_bytes((folder / f.replace("downsampled_", "")).read_bytes())
+    pairs = data.read_navi(str(tmp_path), every=1)
+    names = [tuple(p["image"].split("/")[-1] for p in pair) for pair in pairs]
+    assert names[0] == ("downsampled_000.jpg", "001.jpg") and names[2] == ("002.jpg", "001.jpg")
+    assert names[1][0] == "001.jpg" and len(names) == 3 and all("lonely" not in p["image"] for pair in pairs for p in pair)
+    assert pairs[0][0]["depth"].endswith("depth/downsampled_000.png")
+    turn = np.array([[0, 0, 1], [0, 1, 0], [-1, 0, 0]])  # 90 degrees about y
+    assert np.allclose(pairs[0][1]["pose"][:3, :3], turn) and np.allclose(pairs[0][1]["pose"][:3, 3], [0, 0, 2])
+    assert len(data.read_navi(str(tmp_path))) == 1  # every 4th first image: Probe3D's instances[::4]
+    with pytest.raises(data.BenchmarkError, match="within 80 degrees"):
+        data.read_navi(str(tmp_path), max_angle=80)  # 90 degrees between neighbours: no pair left
+
+
+def test_navi_view_decodes_depth_lifts_points_and_crops_the_object(tmp_path):
+    """A 512 x 512 photo (no resize), focal 1000 px at the original 1024 px (500 at 512), depth 655
+    in rows 100:357, cols 200:329: the box is 256 high and 128 wide, so the square crop is rows
+    100:356, cols 136:392 (centred), and the 128 grid reads every 2nd pixel: cell (i, j) is pixel
+    (100 + 2i, 136 + 2j), with depth for j in 32..96; its point is ((u + 0.5 - 256) z / 500, ...)."""
+    folder = make_navi(tmp_path, angles=(0, 30), h=512, w=512, box=(100, 357, 200, 329))
+    pairs = data.read_navi(str(tmp_path), every=1)
+    photo = dict(pairs[0][0], size=(1024, 1024), focal=1000.0)
+    image, xyz = E.navi_view(photo, 32)
+    assert image.shape == (32, 32, 3) and xyz.shape == (128, 128, 3)
+    has = xyz[..., 2] > 0
+    assert has[:, 32:97].all() and not has[:, :32].any() and not has[:, 97:].any()
+    z = 655.35 / 655
+    assert torch.allclose(xyz[10, 40], torch.tensor([(216.5 - 256) * z / 500, (120.5 - 256) * z / 500, z]), atol=1e-6)
+    crop = np.asarray(Image.open(folder / "images" / "000.jpg").convert("RGB"))[100:356, 136:392]
+    want = np.asarray(Image.fromarray(crop).resize((32, 32), Image.BICUBIC)).astype(float)
+    assert np.abs(image.astype(float) - want).mean() < 1.0
+
+
+def test_navi_recall_under_a_known_camera_turn():
+    """Camera b = camera a turned 180 degrees about its optical axis: b's points are a's rotated
+    in the grid with x, y negated, and b's features the same rotation of a's. Every match is then
+    exact: recall 1 at 1, 2 and 5 cm with the true pose; with the identity pose (the wrong one)
+    most of them miss. The ceiling is 1 (every point of a has its twin in b)."""
+    g = torch.Generator().manual_seed(0)
+    v, u = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    z = 1 + 0.1 * torch.rand(16, 16, generator=g)
+    z[:3] = 0  # no depth in the top rows
+    pa = torch.stack([(u - 7.5) * z / 20, (v - 7.5) * z / 20, z], -1)
+    pb = pa.flip(0, 1) * torch.tensor([-1.0, -1.0, 1.0])
+    Fa = torch.randn(4, 4, 8, generator=g)
+    found, matched = E.navi_matches(Fa, Fa.flip(0, 1), pa, pb)
+    assert len(found) == 13 * 16
+    turn = torch.diag(torch.tensor([-1.0, -1.0, 1.0]))
+    right = E.navi_parts(found @ turn.T, matched, pb)
+    assert right["model"][:, 0].tolist() == [13 * 16] * 3 and right["ceiling"][:, 0].tolist() == [13 * 16] * 3
+    wrong = E.navi_parts(found, matched, pb)["model"]
+    assert (wrong[:, 0] < 0.2 * 13 * 16).all()
+
+
+def test_navi_relative_pose_moves_camera_a_points_into_camera_b():
+    """An object point X seen by two cameras (poses P_a, P_b: object -> camera): the map takes
+    P_a X to P_b X (its inverse, or P_a P_b^-1, would not: the poses are not symmetric here)."""
+    rng = np.random.default_rng(0)
+    poses = []
+    for q, t in ((rng.normal(size=4), [0.1, -0.2, 1.5]), (rng.normal(size=4), [-0.3, 0.0, 2.0])):
+        P = np.eye(4)
+        P[:3, :3], P[:3, 3] = data.quaternion_matrix(q), t
+        poses.append(P)
+    X = np.array([0.05, 0.02, -0.04, 1.0])
+    moved = E.relative_pose(*poses).double() @ torch.from_numpy(poses[0] @ X)
+    assert np.allclose(moved.numpy(), poses[1] @ X, atol=1e-6)
+    assert not np.allclose(E.relative_pose(poses[1], poses[0]).double().numpy() @ poses[0] @ X, poses[1] @ X, atol=1e-3)
+
+
+def test_navi_keeps_the_matches_that_pass_the_ratio_test_best():
+    """Point 0 of a has one close feature in b (ratio d1/d2 ~ 0.04), point 1 has two nearly
+    equal ones (ratio ~ 1): with one match to keep, Lowe's ratio test keeps point 0 and its match."""
+    e = torch.eye(4)
+    Fa = torch.stack([e[0] + 0.3 * e[3], e[1] + 0.3 * e[3]])[None]  # (1, 2, 4): the grid is the point grid
+    Fb = torch.stack([e[0], e[1], e[1] + 0.05 * e[2]])[None]  # (1, 3, 4)
+    pa = torch.tensor([[[0.0, 0, 1], [1, 0, 1]]])
+    pb = torch.tensor([[[5.0, 0, 1], [6, 0, 1], [7, 0, 1]]])
+    found, matched = E.navi_matches(Fa, Fb, pa, pb, n=1)
+    assert found.tolist() == [[0, 0, 1]] and matched.tolist() == [[5, 0, 1]]
+    found, matched = E.navi_matches(Fa, Fb, pa, pb, n=2)
+    assert found.tolist() == [[0, 0, 1], [1, 0, 1]] and matched[1].tolist() == [6, 0, 1]
+
+def test_navi_recall_thresholds_by_hand():
+    """Errors 0.5, 1.5, 3 and 10 cm: recall 1/4 at 1 cm, 2/4 at 2 cm, 3/4 at 5 cm. Of b's two
+    points one lies 0.4 cm from the truth: chance 1/2 at every threshold, ceiling 1."""
+    moved = torch.tensor([[0.0, 0.0, 1.0]]).repeat(4, 1)
+    matched = moved + torch.tensor([[0.005, 0, 0], [0.015, 0, 0], [0.03, 0, 0], [0.1, 0, 0]])
+    pb = torch.tensor([[[0.0, 0.0, 1.004], [0.0, 0.0, 3.0]]])
+    got = E.navi_parts(moved, matched, pb)
+    assert got["model"].tolist() == [[1, 4], [2, 4], [3, 4]]
+    assert got["chance"].tolist() == [[2, 4]] * 3 and got["ceiling"].tolist() == [[4, 4]] * 3
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no_wild_set", "no OBJECT/wild_set/"), ("bad_notes", "is not a NAVI collection"),
+    ("no_depth", "depth maps of"), ("too_far", "no wild-set photo has a partner")])
+def test_navi_bad_folder_one_line(tmp_path, capsys, breakage, message):
+    folder = make_navi(tmp_path, angles=(0, 170) if breakage == "too_far" else (0, 90))
+    if breakage == "no_wild_set":
+        folder.rename(tmp_path / "bottle" / "elsewhere")
+    elif breakage == "bad_notes":
+        (folder / "annotations.json").write_text(json.dumps([{"filename": "000.jpg"}]))
+    elif breakage == "no_depth":
+        (folder / "depth" / "001.png").unlink()
+    with pytest.raises(SystemExit) as e:
+        E.main([tiny_checkpoint(tmp_path / "c.pt"), "--navi", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and "\n" not in err
+
 # -- COCO (Karpathy's 5k test split) ------------------------------------------------------------
 
 
@@ -226,7 +367,7 @@ def test_ade_is_scored_at_label_resolution_with_150_classes(tmp_path, monkeypatc
 
 
 def test_every_benchmark_in_one_run(tmp_path):
-    """evaluate.py CKPT --imagenet --coco --spair --nyu --ade --kitti on mini-datasets in their layouts:
+    """evaluate.py CKPT --imagenet --coco --spair --navi --nyu --ade --kitti on mini-datasets in their layouts:
     every metric with a finite value and se."""
     pytest.importorskip("open_clip")
     for c in ("n01440764", "n02123045"):
@@ -238,11 +379,12 @@ def test_every_benchmark_in_one_run(tmp_path):
     make_nyu(tmp_path / "nyu")
     make_ade(tmp_path / "ade")
     make_kitti(tmp_path / "kitti")
+    make_navi(tmp_path / "navi", angles=(0, 45, 90, 120))
     results = E.main([tiny_checkpoint(tmp_path / "c.pt"), "--imagenet", str(tmp_path / "in"),
-                      "--coco", str(tmp_path / "coco"), "--spair", str(tmp_path / "spair"),
+                      "--coco", str(tmp_path / "coco"), "--spair", str(tmp_path / "spair"), "--navi", str(tmp_path / "navi"),
                       "--nyu", str(tmp_path / "nyu"), "--ade", str(tmp_path / "ade"), "--kitti", str(tmp_path / "kitti"),
                       "--out", str(tmp_path / "ev")])
-    expected = {"in_zs_acc", "in_lin_acc", "in_knn_acc", "spair_pck", "nyu_probe_rmse", "nyu_probe_ml_rmse",
+    expected = {"in_zs_acc", "in_lin_acc", "in_knn_acc", "spair_pck", "navi_recall_1cm", "navi_recall_2cm", "navi_recall_5cm", "nyu_probe_rmse", "nyu_probe_ml_rmse",
                 "nyu_zsdepth_absrel", "nyu_zsdepth_delta1", "ade_miou", "kitti_zsdepth_absrel", "kitti_zsdepth_delta1",
                 *(f"coco_{w}_r{k}" for w in ("i2t", "t2i") for k in (1, 5, 10))}
     assert set(results["metrics"]) == expected

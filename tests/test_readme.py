@@ -39,12 +39,12 @@ COMMANDS = {
     "python evaluate.py --compare runs/ablate/*":
         ["evaluate.py", "--compare", "runs/x"],
     "python evaluate.py path/to/MTV-base-patch16-224 --imagenet IN --coco COCO --ade ADE --nyu NYU --spair SPAIR "
-    "--kitti KITTI --out runs/table5/mtv":
-        "needs the released MTV weights and the six datasets; tests/test_benchmarks.py runs every benchmark on "
+    "--navi NAVI --kitti KITTI --out runs/table5/mtv":
+        "needs the released MTV weights and the seven datasets; tests/test_benchmarks.py runs every benchmark on "
         "mini-datasets in their layouts, tests/test_evaluate.py a random SigLIP directory",
     "python evaluate.py path/to/siglip-base-patch16-224 --imagenet IN --coco COCO --ade ADE --nyu NYU --spair SPAIR "
-    "--kitti KITTI --out runs/table5/siglip":
-        "needs SigLIP B/16 weights and the six datasets (same code path as the line above)",
+    "--navi NAVI --kitti KITTI --out runs/table5/siglip":
+        "needs SigLIP B/16 weights and the seven datasets (same code path as the line above)",
     "python evaluate.py runs/cc3m-b16-all/checkpoint.pt --imagenet IN1K --coco COCO --nyu NYUV2 --ade ADE20K --spair SPAIR":
         "the CC3M recipe: a B/16 run and real benchmarks (same code path as the line above)",
     "python evaluate.py --compare runs/cc3m-b16-*":
