@@ -29,8 +29,8 @@ demo: $(VENV)/.installed
 	$(PY) evaluate.py --compare $(DEMO)/train --out $(DEMO)/train/eval
 	@echo "demo done: see $(DEMO)/preview.png, $(DEMO)/train/losses.png, $(DEMO)/train/eval/"
 
-# The paper's Figure 1 ladder on the toy world, at the recipe chosen by README Results' sweep (the
-# micro preset at 32 px, 1,500 steps at lr 3e-4, at which CLIP alone clearly learns): every row of
+# The paper's Figure 1 ladder on the toy world, at the recipe chosen by README Results' sweeps (the
+# micro preset at 32 px, 1,500 steps at lr 3e-4, at which CLIP alone clearly learns; RECIPE): every row of
 # ROWS x every seed of SEEDS is trained and evaluated, in LANES parallel runs of one thread each
 # (two 2-thread runs on 2 cores run ~20x slower than two 1-thread runs); finished runs are skipped
 # and half-done ones resumed, so the target can be rerun after an interruption. The untrained
@@ -48,7 +48,9 @@ demo: $(VENV)/.installed
 #   make ablate ABLATE=runs/ablate-full CAPTIONS=full    captions that name everything (the paper's
 #                                                        premise: CLIP lacks what web captions omit)
 #   make ablate PRECISION=bf16                           bf16 autocast on the CPU (AVX512-BF16)
-#   make ablate EXTRA="--teacher-temp 0.04"              any other train.py flags, for every run
+#   make ablate RECIPE=                                  train.py's own defaults (the paper as we read it) instead
+#                                                        of the joining recipe README Results' sweep chose
+#   make ablate EXTRA="--teacher-temp 0.02"              any other train.py flags, for every run (after RECIPE)
 #   make ablate ABLATE=runs/model-s16 MODEL=S/16 SIZE=64 model scaling
 ROWS   ?= clip clip,ssl clip,ssl,ground clip,ssl,depth,ground
 SEEDS  ?= 0 1 2
@@ -62,6 +64,9 @@ NLOCAL ?= 2
 TOY_N  ?= 8000
 CAPTIONS ?= web
 PRECISION ?= auto
+# How SSL joins CLIP, chosen by README Results' joining sweep: DINO's teacher temperature held at
+# 0.04 (the SSL sweep), SILC's fixed teacher momentum, SLIP's unjittered caption view.
+RECIPE ?= --teacher-temp 0.04 --teacher-momentum 0.996 --teacher-momentum-end 0.996 --caption-jitter 0
 EXTRA  ?=
 EVAL_N ?= 2000
 LANES  ?= $(shell nproc)
@@ -94,7 +99,7 @@ $(ABLATE)/%/eval/results.json: $(TOYDATA)/labelled/summary.json
 	@mkdir -p $(ABLATE)/$* && echo "start $* (log: $(ABLATE)/$*/log.txt)"
 	@$(ONE) train.py --tasks $(call run_tasks,$*) --seed $(call run_seed,$*) --model $(MODEL) \
 		--image-size $(SIZE) --steps $(STEPS) --lr $(LR) --batch-size $(BATCH) --n-local $(NLOCAL) \
-		--toy-n $(TOY_N) --captions $(CAPTIONS) --precision $(PRECISION) $(EXTRA) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
+		--toy-n $(TOY_N) --captions $(CAPTIONS) --precision $(PRECISION) $(RECIPE) $(EXTRA) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
 		> $(ABLATE)/$*/log.txt 2>&1 || { tail -3 $(ABLATE)/$*/log.txt; exit 1; }
 	@$(ONE) evaluate.py $(ABLATE)/$*/checkpoint.pt --n $(EVAL_N) > $(ABLATE)/$*/eval.log 2>&1 \
 		|| { tail -3 $(ABLATE)/$*/eval.log; exit 1; }

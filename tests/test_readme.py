@@ -117,3 +117,5 @@ def test_ablate_defaults_are_the_readme_recipe():
                        (ROOT / "README.md").read_text())
     assert recipe, "README Results names no chosen recipe"
     assert (make["MODEL"], make["STEPS"], make["LR"]) == (recipe[1], recipe[2].replace(",", ""), recipe[3])
+    joining = re.search(r"^RECIPE \?= (.*)$", (ROOT / "Makefile").read_text(), re.M)[1].strip()
+    assert f"`RECIPE ?= {joining}`" in (ROOT / "README.md").read_text(), "README does not name the joining recipe"
