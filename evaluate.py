@@ -550,33 +550,40 @@ def match_geometry(warps, seg, size, grid):
 
 def correspondence(Pa, Pb, warps, seg, size, patch):
     """Every patch of view B that shows an object finds its nearest neighbour (cosine) among view
-    A's patches (Pa, Pb: (n, h, w, W)); it is right if that patch's centre lies within
+    A's patches (Pa, Pb: (n, h, w, W)) as SPair's keypoints do (nearest_patch, from B's patch
+    centres); it is right if that patch's centre lies within
     corr_threshold pixels of the point the B patch's centre came from. Returns per image (n, 2)
     parts [right, scored] for the model, for chance (a uniformly random patch of A: the share of
     A's centres within the threshold) and for the ceiling (the A patch nearest the true point,
     what perfect patch features pick), as a dict."""
     centres, true, on_object = match_geometry(warps, seg, size, Pa.shape[1:3])
     thr = corr_threshold(size, patch)
-    sim = F.normalize(Pb.flatten(1, 2), dim=-1) @ F.normalize(Pa.flatten(1, 2), dim=-1).transpose(1, 2)
+    picked = torch.stack([nearest_patch(b, a, centres / size) for a, b in zip(Pa, Pb)])  # (n, N) A patch per B patch
     dist = (true[:, :, None] - centres).norm(dim=-1)  # (n, N, N): B patch -> every A centre
-    right = {"model": dist.gather(2, sim.argmax(2, keepdim=True))[..., 0] <= thr,
+    right = {"model": dist.gather(2, picked[..., None])[..., 0] <= thr,
              "chance": (dist <= thr).double().mean(2), "ceiling": dist.min(2).values <= thr}
     scored = on_object.double()
     return {k: torch.stack([(v.double() * scored).sum(1), scored.sum(1)], 1) for k, v in right.items()}
 
 
-def keypoint_transfer(Fa, Fb, points):
+def nearest_patch(Fa, Fb, points):
     """Probe3D's correspondence on one pair: the source features at each source point (bilinear on
-    the L2-normalised grid) are compared by cosine with every target patch; the best patch's centre
-    is the predicted point. Fa, Fb (h, w, W) patch features of the two square images, points (K, 2)
-    x, y in 0..1 of the image side -> (K, 2) in 0..1. Probe3D samples with align_corners=True and
-    predicts the patch's corner (index / w), a shift of up to one patch; here both use patch
-    centres, so an image matched with itself puts every point at a patch centre back in place."""
-    h, w = Fb.shape[:2]
+    the L2-normalised grid) are compared by cosine with every target patch. Fa, Fb (h, w, W) patch
+    features of the two square images, points (K, 2) x, y in 0..1 of the image side -> (K,) the
+    row-major index of the best target patch. The toy twin and SPair both match this way."""
     grid = (points.float() * 2 - 1)[None, None]  # (1, 1, K, 2) in -1..1, patch centres at (i + 0.5) / w
     src = F.grid_sample(F.normalize(Fa.float(), dim=-1).permute(2, 0, 1)[None], grid, mode="bilinear",
                         align_corners=False, padding_mode="border")[0, :, 0].T  # (K, W)
-    best = (src @ F.normalize(Fb.float(), dim=-1).flatten(0, 1).T).argmax(1)  # (K,) row-major patch index
+    return (src @ F.normalize(Fb.float(), dim=-1).flatten(0, 1).T).argmax(1)
+
+
+def keypoint_transfer(Fa, Fb, points):
+    """SPair's keypoint transfer: nearest_patch's best target patch, its centre as the predicted
+    point -> (K, 2) in 0..1. Probe3D samples with align_corners=True and predicts the patch's
+    corner (index / w), a shift of up to one patch; here both use patch centres, so an image
+    matched with itself puts every point at a patch centre back in place."""
+    h, w = Fb.shape[:2]
+    best = nearest_patch(Fa, Fb, points)
     return torch.stack([best % w, best // w], 1).double().add(0.5) / torch.tensor([w, h], dtype=torch.float64)
 
 
