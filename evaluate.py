@@ -89,7 +89,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import data
@@ -1042,7 +1042,9 @@ def navi_view(photo, size):
     side of the box of pixels with depth, centred, shifted into the frame where it would leave it).
     -> (uint8 (size, size, 3) image for the model, (NAVI_GRID, NAVI_GRID, 3) points in metres, z = 0
     where there is no depth)."""
-    rgb, raw = torch.from_numpy(data.load_image(photo["image"]).copy()), torch.from_numpy(data.read_png(photo["depth"]).astype(np.float32))
+    with Image.open(photo["image"]) as im:  # upright as the annotations are (Probe3D's resize script transposes too)
+        rgb = torch.from_numpy(np.array(ImageOps.exif_transpose(im).convert("RGB")))
+    raw = torch.from_numpy(data.read_png(photo["depth"]).astype(np.float32))
     h, w = rgb.shape[:2]
     short = (NAVI_SIDE, int(NAVI_SIDE * w / h)) if h <= w else (int(NAVI_SIDE * h / w), NAVI_SIDE)  # torchvision's Resize
     frame = lambda t: centre_square(F.interpolate(t.permute(2, 0, 1)[None].float(), size=short, mode="nearest")[0].permute(1, 2, 0))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data
 import evaluate as E
@@ -181,6 +181,27 @@ def test_navi_view_decodes_depth_lifts_points_and_crops_the_object(tmp_path):
     want = np.asarray(Image.fromarray(crop).resize((32, 32), Image.BICUBIC)).astype(float)
     assert np.abs(image.astype(float) - want).mean() < 1.0
 
+
+def test_navi_view_turns_photos_upright_by_their_exif_orientation(tmp_path):
+    """NAVI's original JPEGs carry an EXIF orientation that the annotations and depth maps assume
+    applied (Probe3D's resize script applies it): a photo stored on its side with orientation 6
+    is read upright, so that it lines up with its depth map."""
+    folder = make_navi(tmp_path, angles=(0, 30), h=64, w=48, box=(0, 64, 0, 48))
+    y, x = np.mgrid[0:64, 0:48]
+    upright = np.stack([x * 5, y * 4, np.full_like(x, 128)], -1).astype(np.uint8)  # smooth: nearest's offsets matter little
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(np.rot90(upright, 1).copy()).save(folder / "images" / "000.jpg", exif=exif, quality=100)
+    photo = data.read_navi(str(tmp_path), every=1)[0][0]
+    image, _ = E.navi_view(photo, 32)
+    stored = np.asarray(Image.open(folder / "images" / "000.jpg").convert("RGB"))
+    assert stored.shape == (48, 64, 3)  # on its side as stored
+    frame = np.asarray(Image.fromarray(np.asarray(ImageOps.exif_transpose(Image.open(folder / "images" / "000.jpg")).convert("RGB")))
+                       .resize((512, 682), Image.NEAREST))[85:597]
+    want = np.asarray(Image.fromarray(frame[:511, :511]).resize((32, 32), Image.BICUBIC)).astype(float)
+    assert np.abs(image.astype(float) - want).mean() < 2.0
+    sideways = np.asarray(Image.fromarray(stored).resize((32, 32), Image.BICUBIC)).astype(float)
+    assert np.abs(sideways - want).mean() > 20  # what reading it as stored would give
 
 def test_navi_recall_under_a_known_camera_turn():
     """Camera b = camera a turned 180 degrees about its optical axis: b's points are a's rotated
