@@ -1286,22 +1286,26 @@ def read_navi(root, max_angle=NAVI_MAX_ANGLE, every=NAVI_EVERY, seed=NAVI_SEED):
     """NAVI v1 as distributed: ROOT/OBJECT/wild_set/ (and the object's multiview_* folders) with
     images/ID.jpg, depth/ID.png (16-bit) and annotations.json (per photo: filename, image_size [h, w],
     camera {q (w, x, y, z), t (mm), focal_length (px)}: the object-to-camera pose). Probe3D's test
-    pairs: the wild-set photos of every object that also has another collection, each paired with a
-    photo of the same object whose camera rotation differs by more than 0 and at most max_angle
-    degrees, drawn uniformly (seeded; Probe3D's draw follows an unsorted directory listing), and
-    every `every`-th photo in (object, id) order kept as a first image. Returns [(photo, photo)]."""
+    pairs: the wild-set photos of every object that also has a multiview_* collection, each paired
+    with another photo of the same object whose camera rotation differs by more than 0 and at most
+    max_angle degrees, drawn uniformly (seeded; Probe3D's draw follows an unsorted directory
+    listing), photos without such a partner left out, and every `every`-th photo in (object, id)
+    order kept as a first image. Returns [(photo, photo)]."""
     flag = "--navi"
     objects = sorted(d for d in glob.glob(os.path.join(root, "*", "wild_set")) if os.path.isdir(d))
     if not objects:
         raise BenchmarkError(f"{flag} {root}: no OBJECT/wild_set/ folders (NAVI v1 layout)")
     g, firsts = torch.Generator().manual_seed(seed), []
     for folder in objects:
-        if len([d for d in os.listdir(os.path.dirname(folder)) if os.path.isdir(os.path.join(os.path.dirname(folder), d))]) < 2:
-            continue  # Probe3D skips objects with a wild set alone
+        if not glob.glob(os.path.join(os.path.dirname(folder), "multiview_*")):
+            continue  # Probe3D skips objects whose only collection is the wild set (3d_scan/ is no collection)
         photos = list(navi_photos(folder, flag).values())
+        if len(photos) < 2:
+            continue
         R = np.stack([p["pose"][:3, :3] for p in photos])
         trace = np.einsum("aij,bij->ab", R, R)  # trace(Ra Rb^T)
         angle = np.degrees(np.arccos(np.clip((trace - 1) / 2, -1, 1)))
+        np.fill_diagonal(angle, 0)  # rounding can leave a photo ~1e-6 degrees from itself: never its own partner
         for i, p in enumerate(photos):
             allowed = torch.from_numpy((angle[i] > 0) & (angle[i] <= max_angle)).double()
             if allowed.sum() > 0:

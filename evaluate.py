@@ -1045,6 +1045,8 @@ def navi_view(photo, size):
     with Image.open(photo["image"]) as im:  # upright as the annotations are (Probe3D's resize script transposes too)
         rgb = torch.from_numpy(np.array(ImageOps.exif_transpose(im).convert("RGB")))
     raw = torch.from_numpy(data.read_png(photo["depth"]).astype(np.float32))
+    if raw.shape != rgb.shape[:2]:
+        raise data.BenchmarkError(f"--navi: {photo['depth']} is {tuple(raw.shape)}, its photo {tuple(rgb.shape[:2])}")
     h, w = rgb.shape[:2]
     short = (NAVI_SIDE, int(NAVI_SIDE * w / h)) if h <= w else (int(NAVI_SIDE * h / w), NAVI_SIDE)  # torchvision's Resize
     frame = lambda t: centre_square(F.interpolate(t.permute(2, 0, 1)[None].float(), size=short, mode="nearest")[0].permute(1, 2, 0))
@@ -1067,14 +1069,17 @@ def navi_view(photo, size):
     return image, F.interpolate(box(xyz), size=(NAVI_GRID, NAVI_GRID), mode="nearest")[0].permute(1, 2, 0)
 
 
-def navi_matches(Fa, Fb, pa, pb, n=NAVI_MATCHES, chunk=2048):
+def navi_matches(Fa, Fb, pa, pb, n=NAVI_MATCHES, chunk=2048, device="cpu"):
     """Probe3D's NAVI matching of one pair: patch features (h, w, W) upsampled bicubic to the point
     grid, the pixels with depth of each photo (pa, pb: (G, G, 3) points) kept, each point of a
     matched to its nearest neighbour in b by cosine distance, ranked by Lowe's ratio test (1 -
-    d1 / d2) and the n most distinctive kept -> (a's points (m, 3), their matches' points (m, 3))."""
-    grid = lambda Fx, p: F.normalize(F.interpolate(Fx.permute(2, 0, 1)[None].float(), size=p.shape[:2], mode="bicubic")[0]
-                                      .permute(1, 2, 0)[p[..., 2] > 0], dim=-1)
+    d1 / d2) and the n most distinctive kept -> (a's points (m, 3), their matches' points (m, 3));
+    none where b has fewer than two points (no ratio to take)."""
+    grid = lambda Fx, p: F.normalize(F.interpolate(Fx.permute(2, 0, 1)[None].float().to(device), size=p.shape[:2],
+                                                   mode="bicubic")[0].permute(1, 2, 0)[p[..., 2].to(device) > 0], dim=-1)
     fa, fb = grid(Fa, pa), grid(Fb, pb)
+    if len(fa) == 0 or len(fb) < 2:
+        return pa.new_zeros(0, 3), pb.new_zeros(0, 3)
     best, weight = [], []
     for i in range(0, len(fa), chunk):
         d, j = (1 - fa[i:i + chunk] @ fb.T).topk(2, dim=1, largest=False)  # cosine distances
@@ -1082,7 +1087,7 @@ def navi_matches(Fa, Fb, pa, pb, n=NAVI_MATCHES, chunk=2048):
         best.append(j[:, 0])
         weight.append(1 - d[:, 0] / d[:, 1])
     keep = torch.cat(weight).topk(min(n, len(fa))).indices
-    return pa[pa[..., 2] > 0][keep], pb[pb[..., 2] > 0][torch.cat(best)[keep]]
+    return pa[pa[..., 2] > 0][keep.cpu()], pb[pb[..., 2] > 0][torch.cat(best)[keep].cpu()]
 
 
 def relative_pose(a, b):
@@ -1096,10 +1101,14 @@ def navi_parts(moved, matched, pb, chunk=2048):
     [right, counted] for the model; chance (a uniformly random point of b) and ceiling (b's point
     nearest the truth: perfect features), over the same matched points of a."""
     cm = torch.tensor(NAVI_CM, dtype=torch.float64) / 100
+    if len(moved) == 0:  # no match (a photo without points): the pair counts nothing
+        return {k: torch.zeros(len(cm), 2, dtype=torch.float64) for k in ("model", "chance", "ceiling")}
     err = (moved - matched).norm(dim=1).double()
-    near = torch.cat([torch.cdist(moved[i:i + chunk], pb[pb[..., 2] > 0]) for i in range(0, len(moved), chunk)]).double()
-    right = {"model": (err[:, None] < cm).sum(0), "chance": (near[..., None] < cm).double().mean(1).sum(0),
-             "ceiling": (near.min(1).values[:, None] < cm).sum(0)}
+    points = pb[pb[..., 2] > 0]
+    near = torch.cat([torch.cdist(moved[i:i + chunk], points) for i in range(0, len(moved), chunk)])  # (m, P)
+    right = {"model": (err[:, None] < cm).sum(0),
+             "chance": torch.stack([(near < c).sum(1).double() / len(points) for c in cm.tolist()], 1).sum(0),
+             "ceiling": (near.min(1).values[:, None].double() < cm).sum(0)}
     return {k: torch.stack([v.double(), torch.full_like(cm, len(err))], 1) for k, v in right.items()}
 
 
@@ -1118,7 +1127,7 @@ def navi_suite(model, root, device, skip, opts):
     parts = {"model": [], "chance": [], "ceiling": []}
     for a, b in pairs:
         (ia, ib), pb = (row[a["image"]], row[b["image"]]), views[row[b["image"]]][1]
-        found, matched = navi_matches(P[ia], P[ib], views[ia][1], pb)
+        found, matched = navi_matches(P[ia], P[ib], views[ia][1], pb, device=device)
         pose = relative_pose(a["pose"], b["pose"])
         for k, v in navi_parts(found @ pose[:3, :3].T + pose[:3, 3], matched, pb).items():
             parts[k].append(v)
@@ -1178,7 +1187,7 @@ def fit_dense_heads(model, n, load, kinds, out_dim, loss, device, desc):
 def centre_square(a):
     """The centre square of an (H, W, ...) array: Probe3D's 480 x 480 crop of NYUv2's 480 x 640."""
     h, w = a.shape[:2]
-    top, left = (h - min(h, w)) // 2, (w - min(h, w)) // 2
+    top, left = round((h - min(h, w)) / 2), round((w - min(h, w)) / 2)  # torchvision's CenterCrop rounds
     return a[top:top + min(h, w), left:left + min(h, w)]
 
 

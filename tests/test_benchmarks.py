@@ -125,9 +125,10 @@ def make_navi(root, angles=(0, 90, 180), obj="bottle", multiview=True, h=48, w=6
     """One object's wild set: photo i seen by a camera turned angles[i] degrees about the object's
     y axis, t = (0, 0, 1000 (i + 1)) mm, focal 100 px; depth 655 (= 1.0005 m in NAVI's 16-bit
     coding) inside box (rows r0:r1, cols c0:c1), 0 elsewhere. multiview: a multiview_00 folder
-    beside it (Probe3D skips objects without one)."""
+    beside it (Probe3D skips objects without one; 3d_scan/ does not count)."""
     folder = root / obj / "wild_set"
     (folder / "depth").mkdir(parents=True, exist_ok=True)
+    (root / obj / "3d_scan").mkdir(exist_ok=True)  # every NAVI object has one; it is no photo collection
     if multiview:
         (root / obj / "multiview_00").mkdir(exist_ok=True)
     notes = []
@@ -155,6 +156,7 @@ def test_navi_reader_pairs_within_120_degrees(tmp_path):
     names = [tuple(p["image"].split("/")[-1] for p in pair) for pair in pairs]
     assert names[0] == ("downsampled_000.jpg", "001.jpg") and names[2] == ("002.jpg", "001.jpg")
     assert names[1][0] == "001.jpg" and len(names) == 3 and all("lonely" not in p["image"] for pair in pairs for p in pair)
+    assert all(a["image"] != b["image"] for a, b in pairs)  # never a photo with itself
     assert pairs[0][0]["depth"].endswith("depth/downsampled_000.png")
     turn = np.array([[0, 0, 1], [0, 1, 0], [-1, 0, 0]])  # 90 degrees about y
     assert np.allclose(pairs[0][1]["pose"][:3, :3], turn) and np.allclose(pairs[0][1]["pose"][:3, 3], [0, 0, 2])
@@ -252,6 +254,14 @@ def test_navi_keeps_the_matches_that_pass_the_ratio_test_best():
     found, matched = E.navi_matches(Fa, Fb, pa, pb, n=2)
     assert found.tolist() == [[0, 0, 1], [1, 0, 1]] and matched[1].tolist() == [6, 0, 1]
 
+def test_navi_pair_without_points_counts_nothing():
+    """A photo whose grid has no depth point: no match, zero rows (not a crash, not a miss)."""
+    pa, pb = torch.zeros(4, 4, 3), torch.rand(4, 4, 3) + 0.5
+    found, matched = E.navi_matches(torch.randn(2, 2, 8), torch.randn(2, 2, 8), pa, pb)
+    assert len(found) == len(matched) == 0
+    assert all(v.sum() == 0 for v in E.navi_parts(found, matched, pb).values())
+
+
 def test_navi_recall_thresholds_by_hand():
     """Errors 0.5, 1.5, 3 and 10 cm: recall 1/4 at 1 cm, 2/4 at 2 cm, 3/4 at 5 cm. Of b's two
     points one lies 0.4 cm from the truth: chance 1/2 at every threshold, ceiling 1."""
@@ -265,7 +275,7 @@ def test_navi_recall_thresholds_by_hand():
 
 @pytest.mark.parametrize("breakage, message", [
     ("no_wild_set", "no OBJECT/wild_set/"), ("bad_notes", "is not a NAVI collection"),
-    ("no_depth", "depth maps of"), ("too_far", "no wild-set photo has a partner")])
+    ("no_depth", "depth maps of"), ("too_far", "no wild-set photo has a partner"), ("depth_size", "its photo")])
 def test_navi_bad_folder_one_line(tmp_path, capsys, breakage, message):
     folder = make_navi(tmp_path, angles=(0, 170) if breakage == "too_far" else (0, 90))
     if breakage == "no_wild_set":
@@ -274,6 +284,8 @@ def test_navi_bad_folder_one_line(tmp_path, capsys, breakage, message):
         (folder / "annotations.json").write_text(json.dumps([{"filename": "000.jpg"}]))
     elif breakage == "no_depth":
         (folder / "depth" / "001.png").unlink()
+    elif breakage == "depth_size":
+        Image.fromarray(np.full((24, 32), 655, np.uint16)).save(folder / "depth" / "001.png")
     with pytest.raises(SystemExit) as e:
         E.main([tiny_checkpoint(tmp_path / "c.pt"), "--navi", str(tmp_path)])
     err = capsys.readouterr().err.strip()
