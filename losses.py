@@ -136,24 +136,58 @@ def teacher_temp_schedule(step, warmup_steps, start=0.04, end=0.07):
     return start + (end - start) * step / warmup_steps
 
 
+def _entropy_each(p):
+    """Entropy of each distribution p (..., K) -> (...), in nats; detached."""
+    return -(p * p.clamp(min=1e-12).log()).sum(-1).detach()
+
+
 def _entropy(p):
     """Mean entropy of the distributions p (..., K), in nats; detached (collapse monitor)."""
-    return -(p * p.clamp(min=1e-12).log()).sum(-1).mean().detach()
+    return _entropy_each(p).mean()
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher, teacher_temp, rows=None, n_iterations=3):
+    """DINOv2's alternative to the running centre (Sinkhorn-Knopp, from SwAV): the teacher's
+    targets for (..., K) logits as a transport plan in which, over the global batch, every
+    prototype receives the same mass and every row sums to 1, so that no few prototypes can take
+    the whole batch. rows (...,) bool: only these take part (iBOT: the masked patches, as
+    DINOv2); the others get all-zero targets. Three iterations, as DINOv2. Our logits are
+    cosines (ProjectionHead), so exp(logit / temperature) cannot overflow in float32."""
+    shape = teacher.shape
+    q = torch.exp(teacher.detach().reshape(-1, shape[-1]) / teacher_temp)  # (n, K)
+    if rows is not None:
+        q = q * rows.reshape(-1, 1).to(q.dtype)
+    n = all_reduce_sum(torch.tensor(float(len(q)), dtype=q.dtype, device=q.device) if rows is None
+                       else rows.sum().to(q.dtype))  # rows over the global batch
+    tiny = torch.finfo(q.dtype).tiny  # an empty row (or batch) stays 0 instead of 0 / 0
+    q = q / all_reduce_sum(q.sum()).clamp(min=tiny)
+    for _ in range(n_iterations):
+        q = q / all_reduce_sum(q.sum(0, keepdim=True)).clamp(min=tiny) / shape[-1]  # each prototype 1/K
+        q = q / q.sum(1, keepdim=True).clamp(min=tiny) / n.clamp(min=1)  # each row 1/n
+    return (q * n).reshape(shape)
 
 
 class _CenteredTeacher(nn.Module):
     """What DINO and iBOT share: the teacher's softmax is centred (minus a running mean of its
     logits) and sharpened (low temperature). The two pull in opposite directions and together
-    avoid collapse (DINO, Sec. 3.1): centring alone flattens, sharpening alone collapses."""
+    avoid collapse (DINO, Sec. 3.1): centring alone flattens, sharpening alone collapses.
+    centering="sinkhorn" replaces the running centre by DINOv2's Sinkhorn-Knopp (sinkhorn_knopp):
+    the centre then stays where it is, unused."""
 
-    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9):
+    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9, centering="mean"):
         super().__init__()
-        self.student_temp, self.center_momentum = student_temp, center_momentum
+        if centering not in ("mean", "sinkhorn"):
+            raise ValueError(f"centering must be mean or sinkhorn, not {centering!r}")
+        self.student_temp, self.center_momentum, self.centering = student_temp, center_momentum, centering
         self.register_buffer("center", torch.zeros(1, out_dim))  # (1, K), saved with state_dict
 
-    def teacher_probs(self, teacher, teacher_temp):
-        """(..., K) teacher logits -> centred, sharpened probabilities. Stop-gradient: the teacher
-        only moves through the EMA of the student's weights."""
+    def teacher_probs(self, teacher, teacher_temp, rows=None):
+        """(..., K) teacher logits -> centred, sharpened probabilities (rows: see sinkhorn_knopp;
+        the running centre serves every row). Stop-gradient: the teacher only moves through the
+        EMA of the student's weights."""
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp(teacher, teacher_temp, rows)
         return F.softmax((teacher.detach() - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
@@ -161,7 +195,7 @@ class _CenteredTeacher(nn.Module):
         """center <- m * center + (1 - m) * mean teacher logit over the global batch, after the loss
         has used the old centre (as DINO). teacher: (..., K), all leading dims are averaged.
         Only in training mode, like BatchNorm's running statistics: validation leaves it alone."""
-        if not self.training:
+        if not self.training or self.centering == "sinkhorn":
             return
         rows = teacher.reshape(-1, teacher.shape[-1])  # (n, K)
         mean = all_reduce_sum(rows.sum(0, keepdim=True)) / sum(_rank_counts(len(rows), rows.device))
@@ -172,8 +206,8 @@ class DINOLoss(_CenteredTeacher):
     """DINO self-distillation over multi-crop views: the student, seeing any view, predicts the
     teacher's distribution for each of the other global views. n_global: global views G (2)."""
 
-    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9, n_global=2):
-        super().__init__(out_dim, student_temp, center_momentum)
+    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9, n_global=2, centering="mean"):
+        super().__init__(out_dim, student_temp, center_momentum, centering)
         self.n_global = n_global
 
     def forward(self, student_global, student_local, teacher_global, teacher_temp):
@@ -209,13 +243,15 @@ class IBOTLoss(_CenteredTeacher):
         each image first (an image with many masked patches does not weigh more); unlike iBOT,
         which then averages over all images, we average over the images with at least one masked
         patch, so the loss does not shrink with the share of images left unmasked."""
-        q = self.teacher_probs(teacher_patch, teacher_temp)  # (B, N, K)
+        q = self.teacher_probs(teacher_patch, teacher_temp, rows=mask)  # (B, N, K)
         ce = -(q * F.log_softmax(student_patch / self.student_temp, dim=-1)).sum(-1)  # (B, N)
         m = mask.to(ce.dtype)
         per_image = (ce * m).sum(1) / m.sum(1).clamp(min=1)  # (B,), 0 for an image without mask
         loss = _share_of_mean(per_image.sum(), mask.any(1).sum())
         self.update_center(teacher_patch)
-        return {"ibot": loss, "ibot_teacher_entropy": _entropy(q)}
+        # Sinkhorn gives the unmasked patches no target, so its entropy is over the masked ones
+        entropy = _entropy(q) if self.centering == "mean" else _masked_mean(_entropy_each(q), m)
+        return {"ibot": loss, "ibot_teacher_entropy": entropy}
 
 
 def koleo_loss(x, eps=1e-8):

@@ -62,6 +62,7 @@ class TrainConfig:
     teacher_momentum_end: float = 1.0  # DINO: 1; equal to teacher_momentum for a fixed momentum (SILC)
     teacher_temp: float = 0.07  # DINO: warmed up from 0.04; above ~0.07 training is unstable
     koleo: float = 0.0  # weight of the KoLeo spreading term on the student's global features
+    centering: str = "mean"  # how the DINO/iBOT teacher avoids collapse: DINO's mean or DINOv2's sinkhorn
     freeze_last_layer: float = 0.01  # fraction of the steps with the SSL prototype layers frozen
     n_local: int = 4  # local crops per image for ssl (DINO multi-crop)
     prototypes: int = 0  # DINO and iBOT prototypes K each; 0 = the preset's
@@ -152,6 +153,9 @@ def parse_args(argv):
         "device": "cpu, cuda or cuda:N; empty = cuda if available, else cpu",
         "koleo": "weight of DINOv2's KoLeo term on the student's global features, summed over the two "
                  "global views as DINOv2 does; 0 = off",
+        "centering": "how the DINO and iBOT teachers are kept from collapse: mean = minus a running mean "
+                     "of their logits (DINO, iBOT); sinkhorn = Sinkhorn-Knopp, which gives every prototype "
+                     "the same mass over the batch (DINOv2; iBOT's over the masked patches)",
         "freeze_last_layer": "fraction of the steps during which the DINO/iBOT prototype layers do not "
                              "move (DINO and DINOv2 freeze them for the first of 100 epochs: 0.01)",
     }
@@ -165,6 +169,8 @@ def parse_args(argv):
             p.add_argument(name, choices=tuple(data.CAPTIONS), default=default, help=helps[f])
         elif f == "ssl_views":
             p.add_argument(name, choices=("shared", "separate"), default=default, help=helps[f])
+        elif f == "centering":
+            p.add_argument(name, choices=("mean", "sinkhorn"), default=default, help=helps[f])
         else:
             p.add_argument(name, type=type(default), default=default, help=helps.get(f))
     return TrainConfig(**vars(p.parse_args(argv)))
@@ -450,8 +456,8 @@ class Objectives(torch.nn.Module):
         self.tasks, self.cfg = tasks, cfg
         self.weights = weights or parse_weights("", tasks)  # every task and ssl term at 1
         if "ssl" in tasks:
-            self.dino = losses.DINOLoss(model.cfg.heads.dino_prototypes)
-            self.ibot = losses.IBOTLoss(model.cfg.heads.ibot_prototypes)
+            self.dino = losses.DINOLoss(model.cfg.heads.dino_prototypes, centering=cfg.centering)
+            self.ibot = losses.IBOTLoss(model.cfg.heads.ibot_prototypes, centering=cfg.centering)
 
     def forward(self, out, target, batch, teacher_temp):
         """Returns (dict of per-task losses with gradients, dict of everything to log)."""

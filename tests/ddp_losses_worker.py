@@ -79,6 +79,16 @@ def evaluate():
     report("ibot", loss, [student])
     out["ibot.center"] = ibot.center.clone()
 
+    # The same two with DINOv2's Sinkhorn-Knopp: its sums run over the global batch (all-reduced),
+    # and in iBOT's second call rank 1 takes part with no masked patch.
+    dino_sk = losses.DINOLoss(k, centering="sinkhorn")
+    loss = sum(dino_sk(views(s_global, 2, mine), views(s_local, 3, mine), views(t, 2, mine), 0.05)["dino"]
+               for t in teachers)
+    report("dino_sinkhorn", loss, [s_global, s_local])
+    ibot_sk = losses.IBOTLoss(k, centering="sinkhorn")
+    loss = sum(ibot_sk(student[mine], teacher[mine], m[mine], 0.06)["ibot"] for m in (mask, mask_rank0_only))
+    report("ibot_sinkhorn", loss, [student])
+
     # Depth: image 5 (on rank 1) has no valid pixel.
     pred, target = leaf(b, 16, 16), torch.rand(b, 16, 16, generator=g)
     valid = torch.rand(b, 16, 16, generator=g) > 0.3

@@ -110,8 +110,9 @@ def test_ground_symmetric_and_no_boxes():
 # ssl
 
 
-def ref_dino(s_global, s_local, t_global, center, n_global, student_temp, teacher_temp):
-    """Loops over (teacher view, student view, image); returns (loss, new centre)."""
+def ref_dino(s_global, s_local, t_global, center, n_global, student_temp, teacher_temp, targets=None):
+    """Loops over (teacher view, student view, image); returns (loss, new centre). targets: the
+    teacher's (G*B, K) distributions when they are not the centred softmax (Sinkhorn-Knopp)."""
     b = len(t_global) // n_global
     student = s_global if s_local is None else torch.cat([s_global, s_local])
     n_views = len(student) // b
@@ -121,7 +122,8 @@ def ref_dino(s_global, s_local, t_global, center, n_global, student_temp, teache
             if s == t:
                 continue
             for i in range(b):
-                q = softmax((t_global[t * b + i].detach() - center) / teacher_temp)
+                q = softmax((t_global[t * b + i].detach() - center) / teacher_temp) if targets is None \
+                    else targets[t * b + i]
                 total = total + cross_entropy(q, student[s * b + i], student_temp)
                 count += 1
     new_center = 0.9 * center + 0.1 * sum(t_global.detach()) / len(t_global)
@@ -174,13 +176,15 @@ def test_centres_only_move_in_training_mode():
     assert (dino.center == 0).all() and (ibot.center == 0).all()
 
 
-def ref_ibot(student, teacher, mask, center, student_temp, teacher_temp):
+def ref_ibot(student, teacher, mask, center, student_temp, teacher_temp, targets=None):
+    """targets: {(image, patch): the teacher's distribution} when it is not the centred softmax."""
     per_image = []
     for i in range(len(student)):
         masked = [n for n in range(student.shape[1]) if mask[i, n]]
+        q = (lambda n: softmax((teacher[i, n].detach() - center) / teacher_temp)) if targets is None \
+            else (lambda n: targets[i, n])
         if masked:
-            per_image.append(sum(cross_entropy(softmax((teacher[i, n].detach() - center) / teacher_temp),
-                                               student[i, n], student_temp) for n in masked) / len(masked))
+            per_image.append(sum(cross_entropy(q(n), student[i, n], student_temp) for n in masked) / len(masked))
     loss = sum(per_image) / len(per_image) if per_image else student.sum() * 0
     new_center = 0.9 * center + 0.1 * teacher.detach().reshape(-1, teacher.shape[-1]).mean(0)
     return loss, new_center
@@ -208,6 +212,52 @@ def test_ibot_no_masked_patch():
     out["ibot"].backward()
     assert (student.grad == 0).all()
     assert (ibot.center != 0).all()  # the centre still follows the teacher
+
+
+def ref_sinkhorn(logits, teacher_temp, n_iterations=3):
+    """DINOv2's sinkhorn_knopp_teacher on (B, K) logits in one process, in its K-by-B notation."""
+    Q = torch.exp(logits.detach() / teacher_temp).t()
+    K, B = Q.shape
+    Q = Q / Q.sum()
+    for _ in range(n_iterations):
+        Q = Q / Q.sum(1, keepdim=True) / K  # every prototype 1/K of the mass
+        Q = Q / Q.sum(0, keepdim=True) / B  # every sample 1/B
+    return (Q * B).t()
+
+
+def test_sinkhorn_centering_matches_dinov2():
+    """DINO: one Sinkhorn-Knopp over the teacher rows of both global views (DINOv2); iBOT: over
+    the masked patches only, the unmasked ones get no target. The running centre stays put."""
+    b, k, n = 3, 6, 5
+    s_global, t_global = leaf(2 * b, k, seed=1, scale=2), leaf(2 * b, k, seed=2, scale=2)
+    s_local = leaf(2 * b, k, seed=3, scale=2)
+    dino = losses.DINOLoss(k, centering="sinkhorn").double()
+    ref, _ = ref_dino(s_global, s_local, t_global, torch.zeros(k), 2, 0.1, 0.05, targets=ref_sinkhorn(t_global, 0.05))
+    assert_same(dino(s_global, s_local, t_global, 0.05)["dino"], ref, [s_global, s_local])
+    student, teacher = leaf(b, n, k, seed=4, scale=2), leaf(b, n, k, seed=5, scale=2)
+    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    q = torch.zeros(b, n, k, dtype=torch.float64)
+    q[mask] = ref_sinkhorn(teacher[mask], 0.06)
+    ibot = losses.IBOTLoss(k, centering="sinkhorn").double()
+    out = ibot(student, teacher, mask, 0.06)
+    ref, _ = ref_ibot(student, teacher, mask, torch.zeros(k), 0.1, 0.06, targets=q)
+    assert_same(out["ibot"], ref, [student])
+    torch.testing.assert_close(out["ibot_teacher_entropy"],
+                               -(q[mask] * q[mask].log()).sum(-1).mean())  # over the masked patches
+    assert (dino.center == 0).all() and (ibot.center == 0).all()
+    with pytest.raises(ValueError, match="centering"):
+        losses.DINOLoss(k, centering="softmax")
+
+
+def test_sinkhorn_spreads_a_collapsed_teacher():
+    """A teacher that gives every image the same logits: the centred softmax (first step, centre 0)
+    sends all of them to its top prototype; Sinkhorn-Knopp spreads them evenly over the prototypes."""
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5]], dtype=torch.float64).repeat(8, 1)
+    mean = losses.DINOLoss(4).double().teacher_probs(logits, 0.04)
+    assert (mean[:, 0] > 0.99).all()
+    sk = losses.sinkhorn_knopp(logits, 0.04)
+    torch.testing.assert_close(sk.sum(1), torch.ones(8, dtype=torch.float64))
+    torch.testing.assert_close(sk, torch.full((8, 4), 0.25, dtype=torch.float64))
 
 
 def ref_koleo(x, eps=1e-8):
