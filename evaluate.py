@@ -119,7 +119,7 @@ STANDS_FOR = {  # metric-name prefix -> the paper's benchmark the protocol stand
     "depth_probe_": "NYUv2 depth probe", "seg_": "ADE20K segmentation",
     "corr_": "NAVI / SPair correspondence", "zsdepth_": "zero-shot depth (KITTI / NYU)",
     "ground_": "grounding", "in_": "ImageNet", "coco_": "COCO", "nyu_": "NYUv2", "ade_": "ADE20K",
-    "spair_": "SPair-71k", "navi_": "NAVI", "kitti_": "KITTI"}
+    "spair_": "SPair-71k", "navi_": "NAVI", "kitti_": "KITTI", "patch_": "a diagnosis (no better side)"}
 KEY_METRICS = (  # Figure 1's columns, in its order, then the rest of ours
     "zs_color_acc", "zs_shape_acc", "zs_present_acc", "in_zs_acc", "ret_i2t_r1", "ret_i2t_r5", "coco_i2t_r1",
     "seg_miou", "seg_obj_miou", "seg_ml_miou", "seg_ml_obj_miou", "ade_miou", "corr_recall", "spair_pck", "navi_recall_2cm", "depth_probe_rmse",
@@ -740,6 +740,7 @@ def toy_suite(model, scenes, device, skip):
     toy_object_probes(m, layers, scenes)
     toy_dense_probes(m, layers, scenes)
     toy_correspondence(m, model, a["patch"], scenes, device)
+    toy_token_spread(m, a["patch"])
     if "depth" in model.tasks:
         toy_zero_shot_depth(m, a["depth"], scenes)
     else:
@@ -880,6 +881,17 @@ def toy_correspondence(m, model, P, scenes, device):
     b = extract(model, list(views), ("patch",), device, "toy second views")
     c = correspondence(P, b["patch"], warps, stacked(scenes, "seg").long(), S, patch)
     m.add("corr_recall", c["model"], chance=c["chance"], ceiling=c["ceiling"])
+
+
+def toy_token_spread(m, P):
+    """A diagnosis, not a score: the share of the final patch tokens' variance (n, h, w, W) that
+    is shared by all patches of an image (between-image over total sum of squares). Near 1, every
+    patch mostly says what the whole image is, and an object's tokens have little of their own
+    for the object probes to read."""
+    X = P.flatten(1, 2).double()  # (n, N, W)
+    centred = X - X.mean((0, 1))
+    between = centred.mean(1).pow(2).sum(1) * X.shape[1]  # (n,) each image's share of the between SS
+    m.add("patch_image_share", torch.stack([between, centred.pow(2).sum((1, 2))], 1))
 
 
 def toy_zero_shot_depth(m, pred, scenes):
@@ -1343,7 +1355,7 @@ SUITES = {"imagenet": imagenet_suite, "coco": coco_suite, "ade": ade_suite, "nyu
 
 
 def arrow(name):
-    return "↓" if lower_is_better(name) else "↑"
+    return "" if name.startswith("patch_") else "↓" if lower_is_better(name) else "↑"
 
 
 def stands_for(name):

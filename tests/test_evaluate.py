@@ -331,6 +331,25 @@ def test_object_tokens_by_hand():
                                         [0.0, 1.0, 0.0, 0.0]]))    # its one pixel top right
 
 
+def test_token_spread_by_hand():
+    """Tokens equal within each image: all variance is the image's (share 1); tokens that differ
+    only by position, the same in every image: none of it (share 0); half and half by hand."""
+    g = torch.Generator().manual_seed(0)
+    per_image = torch.randn(5, 1, 1, 3, generator=g).expand(5, 2, 2, 3)
+    per_position = torch.randn(1, 2, 2, 3, generator=g).expand(5, 2, 2, 3)
+    shares = []
+    for P in (per_image, per_position):
+        m = E.Scores()
+        E.toy_token_spread(m, P)
+        shares.append(m.rows["patch_image_share"]["value"])
+    assert shares[0] == pytest.approx(1) and shares[1] == pytest.approx(0, abs=1e-12)
+    # two images, two patches of one feature: image means +-1, within-image deviations +-1
+    P = torch.tensor([[2.0, 0.0], [-2.0, 0.0]]).view(2, 1, 2, 1)
+    m = E.Scores()
+    E.toy_token_spread(m, P)
+    assert m.rows["patch_image_share"]["value"] == pytest.approx(0.5)
+
+
 def test_object_tokens_recover_the_shape_of_objects_that_own_their_patches(scenes32):
     """Each patch's token is the one-hot shape of the object with most pixels in it (zeros where
     none): pooling under an object's true mask returns exactly its shape's one-hot whenever every
@@ -476,7 +495,7 @@ def tiny_checkpoint(path, tasks=mtv.ALL_TASKS, size=32):
 
 TOY_METRICS = ["zs_shape_acc", "zs_color_acc", "zs_present_acc", "ret_i2t_r1", "ret_i2t_r5", "ret_t2i_r1",
                "ret_t2i_r5", "lin_count_acc", "lin_shape_acc", *OBJECT, *DENSE, "corr_recall",
-               "zsdepth_absrel", "zsdepth_delta1", "ground_acc", "ground_name_acc"]
+               "zsdepth_absrel", "zsdepth_delta1", "ground_acc", "ground_name_acc", "patch_image_share"]
 
 
 def test_toy_suite_end_to_end(tmp_path, capsys):
@@ -487,9 +506,12 @@ def test_toy_suite_end_to_end(tmp_path, capsys):
     assert sorted(results["metrics"]) == sorted(TOY_METRICS) and results["init"] is False
     assert all(math.isfinite(v) for v in results["metrics"].values())
     # every toy metric has a standard error, a count and a chance level; all but linear probes an
-    # oracle-measured or exact ceiling
+    # oracle-measured or exact ceiling; the diagnosis patch_image_share (a share, no score) neither
     for key in ("se", "n", "chance", "ceiling"):
-        assert sorted(results[key]) == sorted(TOY_METRICS) and all(v is not None for v in results[key].values()), key
+        assert sorted(results[key]) == sorted(TOY_METRICS), key
+        assert all((v is None) == (key in ("chance", "ceiling") and k == "patch_image_share")
+                   for k, v in results[key].items()), key
+    assert 0 < results["metrics"]["patch_image_share"] < 1
     assert results["n"]["corr_recall"] == 60 and results["n"]["seg_miou"] == 20  # probes test on the last 1/3
     assert all(results["n"][k] == 20 for k in OBJECT + DENSE)
     assert results["ceiling"]["corr_recall"] >= 0.95 and results["ceiling"]["zsdepth_absrel"] < 1e-4
