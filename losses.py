@@ -155,7 +155,8 @@ def sinkhorn_knopp(teacher, teacher_temp, rows=None, n_iterations=3):
     DINOv2); the others get all-zero targets. Three iterations, as DINOv2. Our logits are
     cosines (ProjectionHead), so exp(logit / temperature) cannot overflow in float32."""
     shape = teacher.shape
-    q = torch.exp(teacher.detach().reshape(-1, shape[-1]) / teacher_temp)  # (n, K)
+    x = teacher.detach().to(torch.promote_types(teacher.dtype, torch.float32))  # bf16: counts stay exact
+    q = torch.exp(x.reshape(-1, shape[-1]) / teacher_temp)  # (n, K)
     if rows is not None:
         q = q * rows.reshape(-1, 1).to(q.dtype)
     n = all_reduce_sum(torch.tensor(float(len(q)), dtype=q.dtype, device=q.device) if rows is None
