@@ -119,7 +119,7 @@ STANDS_FOR = {  # metric-name prefix -> the paper's benchmark the protocol stand
     "depth_probe_": "NYUv2 depth probe", "seg_": "ADE20K segmentation",
     "corr_": "NAVI / SPair correspondence", "zsdepth_": "zero-shot depth (KITTI / NYU)",
     "ground_": "grounding", "in_": "ImageNet", "coco_": "COCO", "nyu_": "NYUv2", "ade_": "ADE20K",
-    "spair_": "SPair-71k", "navi_": "NAVI", "kitti_": "KITTI", "patch_": "a diagnosis (no better side)"}
+    "spair_": "SPair-71k", "navi_": "NAVI", "kitti_": "KITTI", "patch_": "a diagnosis (neither direction is better)"}
 KEY_METRICS = (  # Figure 1's columns, in its order, then the rest of ours
     "zs_color_acc", "zs_shape_acc", "zs_present_acc", "in_zs_acc", "ret_i2t_r1", "ret_i2t_r5", "coco_i2t_r1",
     "seg_miou", "seg_obj_miou", "seg_ml_miou", "seg_ml_obj_miou", "ade_miou", "corr_recall", "spair_pck", "navi_recall_2cm", "depth_probe_rmse",
