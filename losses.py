@@ -157,10 +157,9 @@ def sinkhorn_knopp(teacher, teacher_temp, rows=None, n_iterations=3):
     shape = teacher.shape
     x = teacher.detach().to(torch.promote_types(teacher.dtype, torch.float32))  # bf16: counts stay exact
     q = torch.exp(x.reshape(-1, shape[-1]) / teacher_temp)  # (n, K)
-    if rows is not None:
-        q = q * rows.reshape(-1, 1).to(q.dtype)
-    n = all_reduce_sum(torch.tensor(float(len(q)), dtype=q.dtype, device=q.device) if rows is None
-                       else rows.sum().to(q.dtype))  # rows over the global batch
+    w = q.new_ones(len(q)) if rows is None else rows.reshape(-1).to(q.dtype)  # which rows take part
+    q = q * w[:, None]
+    n = all_reduce_sum(w.sum())  # rows over the global batch
     tiny = torch.finfo(q.dtype).tiny  # an empty row (or batch) stays 0 instead of 0 / 0
     q = q / all_reduce_sum(q.sum()).clamp(min=tiny)
     for _ in range(n_iterations):
