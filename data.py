@@ -804,7 +804,7 @@ class AugConfig:
     jitter: float = 0.4                     # brightness/contrast/saturation factors in 1 +- jitter
     caption_jitter: float = None            # the same on view 0 with clip; None = jitter (SLIP's CLIP view: 0)
     # DINO's colour augmentation beyond that, on the views only ssl reads (the second global view and
-    # the local crops; view 0 must stay true to its caption): a hue shift in +-hue of the colour
+    # the local crops; view 0 too when no caption or grounding name describes it): a hue shift in +-hue of the colour
     # circle and grayscale with probability `grayscale`. Without them an object's colour alone
     # solves the self-distillation task in the toy world, and the features need learn no shape.
     hue: float = 0.1
@@ -953,8 +953,11 @@ def make_views(sample, rng, aug, tasks):
 
     # View 0 is the one its caption describes: with clip it is cropped only a little (open_clip
     # crops at 0.9-1, so named objects stay in view) and a flip swaps "left" and "right" in the
-    # caption (as MDETR does), so that the caption stays true of the view.
+    # caption (as MDETR does), so that the caption stays true of the view. Without a task that
+    # reads text about it (caption or grounding names, which name colours) it is an ssl view like
+    # the others and gets DINO's colour augmentation too, as both of DINO's global views do.
     first, geo, flipped = view(aug.caption_scale if "clip" in tasks else aug.global_scale, aug.size, labelled,
+                               ssl_only="ssl" in tasks and not tasks & {"clip", "ground"},
                                jitter=aug.jitter if aug.caption_jitter is None or "clip" not in tasks
                                else aug.caption_jitter)
     out = {"caption": mirror_caption(sample["caption"]) if flipped else sample["caption"], **geo}

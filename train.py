@@ -137,7 +137,8 @@ def parse_args(argv):
                      "the caption view serving only clip, depth and ground (SigLIP 2 keeps SigLIP on the clean "
                      "image and self-distils other views; one more global view per image)",
         "hue": "hue shift in +-HUE of the colour circle on the views only ssl reads (the global views after the "
-               "caption view, and the local crops; DINO: 0.1); the caption view never changes colour",
+               "caption view, and the local crops; DINO: 0.1); the view that a caption or grounding names describe "
+               "never changes colour (without clip and ground every view is an ssl view)",
         "grayscale": "probability of grayscale on the views only ssl reads (DINO: 0.2)",
         "caption_jitter": "brightness/contrast/saturation jitter (factors in 1 +- this) of the view the caption "
                           "describes, with clip; the other views keep 0.4. SLIP gives its CLIP view none: 0",

@@ -151,7 +151,8 @@ def test_missing_labels_raise_a_clear_error():
 
 def test_dino_colour_augmentation_only_on_the_ssl_views():
     """Hue and grayscale (DINO's colour augmentation) change the second global view and the local
-    crops, never view 0, which its caption describes; with both off the views are as before."""
+    crops, never view 0 when its caption (or grounding names) describe it, but view 0 too with ssl
+    alone; with both off the views are as before."""
     image = np.zeros((32, 32, 3), np.uint8)
     image[..., 0] = 220                                            # pure red: grayscale shows at once
     sample = {"key": "red", "image": image, "caption": "a red square"}
@@ -164,6 +165,13 @@ def test_dino_colour_augmentation_only_on_the_ssl_views():
     colour = lambda x: x.mean((1, 2))                              # a uniform image: its one colour
     assert torch.allclose(colour(v["global"][0]), torch.tensor([220 / 127.5 - 1, -1.0, -1.0]))
     assert not torch.allclose(colour(v["global"][1]), colour(v["global"][0]), atol=1e-3)
+    # without a text task view 0 is an ssl view (both of DINO's global views are colour-augmented);
+    # grounding names colours, so with it view 0 stays true as with clip
+    aug = data.AugConfig(size=32, local_size=16, n_local=0, jitter=0, hue=0.0, grayscale=1.0, flip=0)
+    assert grey(data.make_views(sample, np.random.default_rng(0), aug, ("ssl",))["global"][0])
+    named = sample | {"ground": {"entities": [{"name": "red square", "box": [0.0, 0.0, 1.0, 1.0], "score": 1.0}]}}
+    v = data.make_views(named, np.random.default_rng(0), aug, ("ssl", "ground"))
+    assert not grey(v["global"][0]) and grey(v["global"][1])
     off = data.AugConfig(size=32, local_size=16, n_local=2, hue=0.0, grayscale=0.0)
     a = data.make_views(sample, np.random.default_rng(1), off, ("ssl",))
     b = data.make_views(sample, np.random.default_rng(1), off, ("ssl",))
