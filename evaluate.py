@@ -437,6 +437,9 @@ def load_checkpoint(path, init=False):
     if init:
         if seed is None:
             fail(f"--init: {path} does not record the seed its run started from")
+        if start := (ckpt.get("train_config") or {}).get("init_from"):
+            fail(f"--init: {path} started from the weights of {start} (--init-from), not from its seed; "
+                 "evaluate that checkpoint for the model it started from")
         model = mtv.MTV.initialised(model.cfg, model.tasks, seed)
     return model, seed
 

@@ -43,6 +43,14 @@ class ViTConfig:
     heads: int = 3
     mlp_dim: int = 768
     eps: float = 1e-6  # LayerNorm epsilon, as SigLIP
+    # "big_vision": xavier-uniform dense layers (SigLIP); "dino": truncated normal, std 0.02, for the
+    # dense layers and the position table (DINO, iBOT, timm). Xavier's std is sqrt(2 / (fan_in +
+    # fan_out)): 0.031 at ViT-L's width, 0.088 at micro's 128, where the untrained patch tokens
+    # come out mostly image-wide (README Results, "Where self-distillation starts from").
+    init: str = "big_vision"
+
+
+VIT_INITS = ("big_vision", "dino")
 
 
 @dataclass
@@ -310,6 +318,14 @@ class VisionTower(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.head = MAPHead(cfg)
         init_transformer(self)
+        if cfg.init == "dino":
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        elif cfg.init != "big_vision":
+            raise ValueError(f"unknown vision init {cfg.init!r}; valid are {', '.join(VIT_INITS)}")
 
     def pos_embed_at(self, gh: int, gw: int) -> torch.Tensor:
         """(gh * gw, W) position embeddings; bicubic resize for other grids (SigLIP's interpolate_pos_encoding)."""

@@ -72,6 +72,8 @@ class TrainConfig:
     hue: float = 0.1  # DINO's hue jitter on the ssl-only views
     grayscale: float = 0.2  # DINO's grayscale probability on the ssl-only views
     image_size: int = 0  # 0 = the preset's resolution
+    vit_init: str = "big_vision"  # initialisation of the image tower (mtv.ViTConfig.init)
+    init_from: str = ""  # a checkpoint whose weights the run starts from (optimizer and schedules fresh)
     out: str = "runs/train"
     resume: str = ""  # "latest" = OUT/checkpoint.pt, or a path
     seed: int = 0
@@ -143,6 +145,14 @@ def parse_args(argv):
         "caption_jitter": "brightness/contrast/saturation jitter (factors in 1 +- this) of the view the caption "
                           "describes, with clip; the other views keep 0.4. SLIP gives its CLIP view none: 0",
         "image_size": "input resolution in pixels, a multiple of the patch size; 0 = the preset's",
+        "vit_init": "initialisation of the image tower: big_vision = xavier-uniform dense layers (SigLIP); "
+                    "dino = truncated normal with std 0.02 for the dense layers and the position table (DINO, "
+                    "iBOT). At the micro and tiny widths xavier's std is 3-4x DINO's",
+        "init_from": "a train.py checkpoint to start from: every tensor whose name and shape this model shares "
+                     "(the image tower, and the heads of the tasks both runs train) is copied, the rest is "
+                     "initialised from --seed; step, optimizer and schedules start afresh and the ssl teacher "
+                     "starts as the student. Needs the same image tower (--model, --image-size); a checkpoint "
+                     "to --resume from wins over it",
         "out": "run folder: checkpoint.pt, metrics.jsonl, losses.png, config.json",
         "seed": "seed of the model's initialisation and the augmentations (not of the toy data)",
         "workers": "data-loading processes per training process (0 = load in the training process)",
@@ -172,6 +182,8 @@ def parse_args(argv):
             p.add_argument(name, choices=("shared", "separate"), default=default, help=helps[f])
         elif f == "centering":
             p.add_argument(name, choices=("mean", "sinkhorn"), default=default, help=helps[f])
+        elif f == "vit_init":
+            p.add_argument(name, choices=mtv.VIT_INITS, default=default, help=helps[f])
         else:
             p.add_argument(name, type=type(default), default=default, help=helps.get(f))
     return TrainConfig(**vars(p.parse_args(argv)))
@@ -323,13 +335,16 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, flag="--resume"):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        fail(f"--resume: no checkpoint at {path}")
+        fail(f"{flag}: no checkpoint at {path}")
     except Exception as e:
-        fail(f"--resume: {path} is not a readable checkpoint ({mtv.load_error(e)})")
+        fail(f"{flag}: {path} is not a readable checkpoint ({mtv.load_error(e)})")
+    if not isinstance(ck, dict) or not {"model", "model_config"} <= set(ck):
+        fail(f"{flag}: {path} is not a train.py checkpoint (no model or model_config)")
+    return ck
 
 
 def run_info():
@@ -595,6 +610,8 @@ def check_config(cfg):
              f"{patch}; try {max(patch, round(cfg.image_size / patch) * patch)}")
     if cfg.resume and cfg.resume != "latest" and not os.path.isfile(cfg.resume):
         fail(f"--resume {cfg.resume!r} is neither 'latest' nor an existing checkpoint file")
+    if cfg.init_from and not os.path.isfile(cfg.init_from):
+        fail(f"--init-from {cfg.init_from!r} is not a checkpoint file")
     return tasks, weights
 
 
@@ -634,6 +651,7 @@ def setup(cfg):
     model_cfg = mtv.build_config(cfg.model)
     if cfg.image_size:
         model_cfg.vision.image_size = cfg.image_size
+    model_cfg.vision.init = cfg.vit_init
     if cfg.prototypes:
         model_cfg.heads.dino_prototypes = model_cfg.heads.ibot_prototypes = cfg.prototypes
     size = model_cfg.vision.image_size
@@ -667,12 +685,14 @@ def setup(cfg):
 
     # -- model, teacher, losses, optimizer ------------------------------------------------------
     model = mtv.MTV.initialised(model_cfg, tasks, cfg.seed).to(device)  # re-seeded: data generation may draw
-    teacher = model.ssl_teacher().to(device) if "ssl" in tasks else None
+    resume_path = ckpt_path if cfg.resume == "latest" else cfg.resume
+    if cfg.init_from and not (cfg.resume and os.path.exists(resume_path)):
+        start_from(model, cfg.init_from)
+    teacher = model.ssl_teacher().to(device) if "ssl" in tasks else None  # a copy of the student
     objectives = Objectives(model, tasks, cfg, weights).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     step = 0
-    resume_path = ckpt_path if cfg.resume == "latest" else cfg.resume
     if cfg.resume and os.path.exists(resume_path):
         ck = load_checkpoint(resume_path)
         if ck.get("model_config") != model.config_dict():
@@ -687,7 +707,8 @@ def setup(cfg):
         step = ck["step"]
         print0(f"resumed from {resume_path} at step {step}")
     elif cfg.resume == "latest":
-        print0(f"--resume latest: no checkpoint in {cfg.out} yet, starting from scratch")
+        print0(f"--resume latest: no checkpoint in {cfg.out} yet, starting "
+               + (f"from --init-from {cfg.init_from}" if cfg.init_from else "from scratch"))
     if rank == 0:  # drop log lines written after the checkpoint we continue from
         kept = []
         if os.path.exists(metrics_path):
@@ -714,6 +735,20 @@ def setup(cfg):
                               repeat=False, workers=0) if val_shards else None)
     return Run(cfg, tasks, weights, rank, world, device, total, model, teacher, objectives, optimizer, student,
                autocast, loader, val_loader, step, ckpt_path, metrics_path, train_shards)
+
+
+def start_from(model, path):
+    """--init-from: copy into model every tensor of checkpoint `path` whose name and shape it shares."""
+    ck = load_checkpoint(path, flag="--init-from")
+    theirs, ours = ck["model_config"]["config"]["vision"], model.config_dict()["config"]["vision"]
+    if differ := sorted(k for k in ours if k != "init" and theirs.get(k) != ours[k]):
+        fail(f"--init-from: {path} has another image tower ({', '.join(f'{k} {theirs.get(k)}' for k in differ)} "
+             f"against {', '.join(str(ours[k]) for k in differ)}); use its --model and --image-size")
+    state = model.state_dict()
+    shared = {k: v for k, v in ck["model"].items() if k in state and state[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    print0(f"--init-from: {len(shared)} of {len(state)} tensors from {path} "
+           f"(tasks {','.join(ck['model_config']['tasks'])}); the rest from --seed")
 
 
 def checkpoint_state(r):

@@ -1,8 +1,8 @@
 """The training recipe against its references: the caption view stays true to its caption, weight
 decay spares the position tables, the SSL prototypes are frozen at the start (DINO), the DPT head
 reads normalised taps (Depth Anything V2), the sigmoid biases start at their batch's prior, names
-that differ only in size are one grounding class, KoLeo sums its two views (DINOv2), and train.py
-picks its threads without oversubscribing."""
+that differ only in size are one grounding class, KoLeo sums its two views (DINOv2), train.py
+picks its threads without oversubscribing, and a run starts from DINO's init or another run's weights."""
 
 import json
 import math
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import evaluate
 import losses
 import mtv
 import pseudolabel
@@ -270,3 +271,59 @@ def test_ssl_start_leaves_ssl_at_least_one_step():
     assert train.ssl_phase(run_) == (49, 1)
     assert train.ssl_phase(SimpleNamespace(cfg=train.TrainConfig(ssl_start=0.8), total=1500)) == (1200, 300)
     assert train.ssl_phase(SimpleNamespace(cfg=train.TrainConfig(), total=10)) == (0, 10)
+
+
+@pytest.mark.parametrize("init", ["big_vision", "dino"])
+def test_vit_init(init):
+    """--vit-init dino: DINO's truncated normal with std 0.02 on the image tower's dense layers and
+    position table; big_vision (the default, SigLIP's): xavier-uniform, std sqrt(2 / (fan_in +
+    fan_out)), and a position table of std width^-1/2. The choice travels with the model's config, so
+    evaluate.py --init rebuilds it; a config from before the option loads as big_vision."""
+    cfg = mtv.build_config("micro")
+    cfg.vision.init = init
+    model = mtv.MTV.initialised(cfg, ("ssl",), 0)
+    dino = init == "dino"
+    for layer in (model.vision.blocks[0].mlp.fc1, model.vision.blocks[-1].attn.q_proj, model.vision.head.mlp.fc2):
+        want = 0.02 if dino else math.sqrt(2 / sum(layer.weight.shape))
+        assert layer.weight.std().item() == pytest.approx(want, rel=0.05)
+        assert not layer.bias.any()
+    assert model.vision.pos_embed.std().item() == pytest.approx(0.02 if dino else cfg.vision.width ** -0.5, rel=0.05)
+    rebuilt = mtv.MTV.initialised(mtv.MTV.from_config_dict(model.config_dict()).cfg, ("ssl",), 0)
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in model.state_dict().items())
+    old = model.config_dict()
+    del old["config"]["vision"]["init"]
+    assert mtv.MTV.from_config_dict(old).cfg.vision.init == "big_vision"
+    cfg.vision.init = "timm"
+    with pytest.raises(ValueError, match="unknown vision init 'timm'"):
+        mtv.MTV(cfg, ("ssl",))
+
+
+def test_init_from_copies_the_shared_weights(shards, tmp_path, capsys):
+    """--init-from a depth run's checkpoint: an ssl run starts (step 0) with that run's image tower,
+    its own ssl heads as --seed makes them, and a teacher equal to the student; a checkpoint of
+    another image tower, or a missing one, is one sentence and exit 2."""
+    src = run(shards, tmp_path / "depth", "depth", "--steps", "2")
+    base = ["--tasks", "ssl", "--data", shards, "--batch-size", "4", "--image-size", "32", "--workers", "0",
+            "--n-local", "2"]
+    plain = train.setup(train.parse_args(base + ["--out", str(tmp_path / "plain")]))
+    r = train.setup(train.parse_args(base + ["--out", str(tmp_path / "from"),
+                                             "--init-from", str(tmp_path / "depth" / "checkpoint.pt")]))
+    ours, fresh = r.model.state_dict(), plain.model.state_dict()
+    copied = [k for k in src["model"] if k in ours]
+    assert r.step == 0 and len(copied) > 20 and all(k.startswith("vision.") for k in copied)
+    assert all(torch.equal(ours[k], src["model"][k]) for k in copied)
+    assert not torch.equal(ours["vision.blocks.0.mlp.fc1.weight"], fresh["vision.blocks.0.mlp.fc1.weight"])
+    assert all(torch.equal(ours[k], fresh[k]) for k in ours if k not in copied)  # ssl heads, mask token
+    assert all(torch.equal(v, ours[k]) for k, v in r.teacher.state_dict().items())
+    assert f"--init-from: {len(copied)} of {len(ours)} tensors" in capsys.readouterr().out
+    run(shards, tmp_path / "ran", "ssl", "--init-from", str(tmp_path / "depth" / "checkpoint.pt"))
+    with pytest.raises(SystemExit) as e:  # its --init model is not the one it started from
+        evaluate.load_checkpoint(str(tmp_path / "ran" / "checkpoint.pt"), init=True)
+    assert e.value.code == 2 and "started from the weights of" in capsys.readouterr().err
+    for extra, message in ((["--image-size", "64"], "has another image tower (image_size 32 against 64)"),
+                           ([], "is not a checkpoint file")):
+        path = str(tmp_path / "depth" / ("checkpoint.pt" if extra else "nope.pt"))
+        with pytest.raises(SystemExit) as e:
+            train.setup(train.parse_args(base + ["--out", str(tmp_path / "x"), "--init-from", path, *extra]))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and "\n" not in err
