@@ -45,8 +45,9 @@ class ViTConfig:
     eps: float = 1e-6  # LayerNorm epsilon, as SigLIP
     # "big_vision": xavier-uniform dense layers (SigLIP); "dino": truncated normal, std 0.02, for the
     # dense layers and the position table (DINO, iBOT, timm). Xavier's std is sqrt(2 / (fan_in +
-    # fan_out)): 0.031 at ViT-L's width, 0.088 at micro's 128, where the untrained patch tokens
-    # come out mostly image-wide (README Results, "Where self-distillation starts from").
+    # fan_out)): for a square layer 0.031 at ViT-L's width, 0.088 at micro's 128, where the
+    # untrained patch tokens come out mostly image-wide (README Results, "Where self-distillation
+    # starts from").
     init: str = "big_vision"
 
 
