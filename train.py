@@ -149,7 +149,7 @@ def parse_args(argv):
                     "dino = truncated normal with std 0.02 for the dense layers and the position table (DINO, "
                     "iBOT). At the micro and tiny widths xavier's std is 3-4x DINO's",
         "init_from": "a train.py checkpoint to start from: every tensor whose name and shape this model shares "
-                     "(the image tower, and the heads of the tasks both runs train) is copied, the rest is "
+                     "(the image tower, and the text tower and heads of the tasks both runs train) is copied, the rest is "
                      "initialised from --seed; step, optimizer and schedules start afresh and the ssl teacher "
                      "starts as the student. Needs the same image tower (--model, --image-size); a checkpoint "
                      "to --resume from wins over it",
