@@ -91,101 +91,97 @@ class TrainConfig:
     deterministic: bool = False
 
 
+FLAG_HELP = {  # train.py --help, one entry per TrainConfig field
+    "tasks": f"comma-separated subset of {','.join(mtv.ALL_TASKS)}",
+    "data": "glob of training shards labelled by pseudolabel.py; empty: generate the toy world",
+    "val_data": "glob of labelled validation shards; their losses are logged as val_*",
+    "model": f"preset: {', '.join(mtv.PRESETS)}",
+    "epochs": "train for this many passes over --data instead of --steps",
+    "batch_size": "images per process and step",
+    "loss_weights": "task=weight pairs, e.g. clip=1,ssl=0.5,depth=0.5; dino= and ibot= weigh the two terms "
+                    "of ssl on their own (e.g. ibot=0 for DINO alone)",
+    "teacher_momentum": "start of the EMA momentum schedule (cosine to --teacher-momentum-end); 0.996 in DINO for long runs, "
+                        "lower for short ones so the teacher keeps up",
+    "teacher_momentum_end": "end of the EMA momentum schedule: 1.0 as DINO (the teacher freezes at the end); "
+                            "equal to --teacher-momentum for a fixed momentum, as SILC keeps it so that the "
+                            "teacher goes on learning from the image-text loss",
+    "teacher_temp": "final DINO/iBOT teacher temperature, warmed up from 0.04",
+    "resume": "'latest' continues OUT/checkpoint.pt; or a checkpoint path",
+    "toy_n": "number of toy-world training scenes made when --data is empty",
+    "captions": "caption style of the toy world made when --data is empty: web (alt-text that leaves "
+                "objects and attributes out, the default) or full (names every object's colour and shape)",
+    "deterministic": "deterministic kernels (CPU: bit-identical resume)",
+    "compile": "torch.compile the model (minutes of compilation first, then faster steps)",
+    "precision": "auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = bf16 autocast on any device (on a "
+                 "CPU: bf16 matmuls as on CUDA, slower); fp32 = no autocast. Weights, optimizer state and "
+                 "losses stay fp32",
+    "steps": "optimizer steps to train (one step = one batch per process)",
+    "lr": "peak AdamW learning rate, reached after the warmup, then cosine to --min-lr",
+    "min_lr": "learning rate at the last step",
+    "warmup": "fraction of the steps (0..1) with a linear learning-rate warmup from 0",
+    "weight_decay": "AdamW weight decay at step 0, cosine-increased to --weight-decay-end (DINO); biases, "
+                    "norms, position tables and tokens are not decayed",
+    "weight_decay_end": "weight decay at the last step",
+    "grad_clip": "clip the global gradient norm to this value",
+    "n_local": "DINO local crops per image (half the image size each), with ssl only",
+    "prototypes": "prototypes K of the DINO head and of the iBOT head each (the output width of their "
+                  "softmax); 0 = the preset's (micro: 1024 and 512; DINO uses 65536 for ImageNet)",
+    "ssl_start": "fraction of the steps (0..1) before the ssl losses join: until then no ssl loss and no "
+                 "teacher update; at it the teacher is set to the student and the teacher's schedules "
+                 "(momentum, temperature warmup, frozen prototypes) run over the remaining steps. "
+                 "SigLIP 2 adds its self-distillation at 0.8. The loader still makes the ssl views before "
+                 "it (the model skips them)",
+    "ssl_views": "which global views ssl reads, with clip: shared = the caption view and one more (DINO's "
+                 "two global views, the first also scored by SigLIP); separate = two views of their own, "
+                 "the caption view serving only clip, depth and ground (SigLIP 2 keeps SigLIP on the clean "
+                 "image and self-distils other views; one more global view per image)",
+    "hue": "hue shift in +-HUE of the colour circle on the views only ssl reads (the global views after the "
+           "caption view, and the local crops; DINO: 0.1); the view that a caption or grounding names describe "
+           "never changes colour (without clip and ground every view is an ssl view)",
+    "grayscale": "probability of grayscale on the views only ssl reads (DINO: 0.2)",
+    "caption_jitter": "brightness/contrast/saturation jitter (factors in 1 +- this) of the view the caption "
+                      "describes, with clip; the other views keep 0.4. SLIP gives its CLIP view none: 0",
+    "image_size": "input resolution in pixels, a multiple of the patch size; 0 = the preset's",
+    "vit_init": "initialisation of the image tower: big_vision = xavier-uniform dense layers (SigLIP); "
+                "dino = truncated normal with std 0.02 for the dense layers and the position table (DINO, "
+                "iBOT). At the micro and tiny widths xavier's std is 3-4x DINO's",
+    "init_from": "a train.py checkpoint to start from: every tensor whose name and shape this model shares "
+                 "(the image tower, and the text tower and heads of the tasks both runs train) is copied, the rest is "
+                 "initialised from --seed; step, optimizer and schedules start afresh and the ssl teacher "
+                 "starts as the student. Needs the same image tower (--model, --image-size); a checkpoint "
+                 "to --resume from wins over it",
+    "out": "run folder: checkpoint.pt, metrics.jsonl, losses.png, config.json",
+    "seed": "seed of the model's initialisation and the augmentations (not of the toy data)",
+    "workers": "data-loading processes per training process (0 = load in the training process)",
+    "shuffle_buffer": "samples held in the shuffle buffer of the shard reader",
+    "log_every": "steps between log lines and metrics.jsonl rows",
+    "ckpt_every": "steps between checkpoints (and validation, unless --val-every)",
+    "val_every": "steps between validation passes; 0 = at every checkpoint",
+    "val_batches": "batches per validation pass",
+    "device": "cpu, cuda or cuda:N; empty = cuda if available, else cpu",
+    "koleo": "weight of DINOv2's KoLeo term on the student's global features, summed over the two "
+             "global views as DINOv2 does; 0 = off",
+    "centering": "how the DINO and iBOT teachers are kept from collapse: mean = minus a running mean "
+                 "of their logits (DINO, iBOT); sinkhorn = Sinkhorn-Knopp, which gives every prototype "
+                 "the same mass over the batch (DINOv2; iBOT's over the masked patches)",
+    "freeze_last_layer": "fraction of the steps during which the DINO/iBOT prototype layers do not "
+                         "move (DINO and DINOv2 freeze them for the first of 100 epochs: 0.01)",
+}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = {
-        "tasks": f"comma-separated subset of {','.join(mtv.ALL_TASKS)}",
-        "data": "glob of training shards labelled by pseudolabel.py; empty: generate the toy world",
-        "val_data": "glob of labelled validation shards; their losses are logged as val_*",
-        "model": f"preset: {', '.join(mtv.PRESETS)}",
-        "epochs": "train for this many passes over --data instead of --steps",
-        "batch_size": "images per process and step",
-        "loss_weights": "task=weight pairs, e.g. clip=1,ssl=0.5,depth=0.5; dino= and ibot= weigh the two terms "
-                        "of ssl on their own (e.g. ibot=0 for DINO alone)",
-        "teacher_momentum": "start of the EMA momentum schedule (cosine to --teacher-momentum-end); 0.996 in DINO for long runs, "
-                            "lower for short ones so the teacher keeps up",
-        "teacher_momentum_end": "end of the EMA momentum schedule: 1.0 as DINO (the teacher freezes at the end); "
-                                "equal to --teacher-momentum for a fixed momentum, as SILC keeps it so that the "
-                                "teacher goes on learning from the image-text loss",
-        "teacher_temp": "final DINO/iBOT teacher temperature, warmed up from 0.04",
-        "resume": "'latest' continues OUT/checkpoint.pt; or a checkpoint path",
-        "toy_n": "number of toy-world training scenes made when --data is empty",
-        "captions": "caption style of the toy world made when --data is empty: web (alt-text that leaves "
-                    "objects and attributes out, the default) or full (names every object's colour and shape)",
-        "deterministic": "deterministic kernels (CPU: bit-identical resume)",
-        "compile": "torch.compile the model (minutes of compilation first, then faster steps)",
-        "precision": "auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = bf16 autocast on any device (on a "
-                     "CPU: bf16 matmuls as on CUDA, slower); fp32 = no autocast. Weights, optimizer state and "
-                     "losses stay fp32",
-        "steps": "optimizer steps to train (one step = one batch per process)",
-        "lr": "peak AdamW learning rate, reached after the warmup, then cosine to --min-lr",
-        "min_lr": "learning rate at the last step",
-        "warmup": "fraction of the steps (0..1) with a linear learning-rate warmup from 0",
-        "weight_decay": "AdamW weight decay at step 0, cosine-increased to --weight-decay-end (DINO); biases, "
-                        "norms, position tables and tokens are not decayed",
-        "weight_decay_end": "weight decay at the last step",
-        "grad_clip": "clip the global gradient norm to this value",
-        "n_local": "DINO local crops per image (half the image size each), with ssl only",
-        "prototypes": "prototypes K of the DINO head and of the iBOT head each (the output width of their "
-                      "softmax); 0 = the preset's (micro: 1024 and 512; DINO uses 65536 for ImageNet)",
-        "ssl_start": "fraction of the steps (0..1) before the ssl losses join: until then no ssl loss and no "
-                     "teacher update; at it the teacher is set to the student and the teacher's schedules "
-                     "(momentum, temperature warmup, frozen prototypes) run over the remaining steps. "
-                     "SigLIP 2 adds its self-distillation at 0.8. The loader still makes the ssl views before "
-                     "it (the model skips them)",
-        "ssl_views": "which global views ssl reads, with clip: shared = the caption view and one more (DINO's "
-                     "two global views, the first also scored by SigLIP); separate = two views of their own, "
-                     "the caption view serving only clip, depth and ground (SigLIP 2 keeps SigLIP on the clean "
-                     "image and self-distils other views; one more global view per image)",
-        "hue": "hue shift in +-HUE of the colour circle on the views only ssl reads (the global views after the "
-               "caption view, and the local crops; DINO: 0.1); the view that a caption or grounding names describe "
-               "never changes colour (without clip and ground every view is an ssl view)",
-        "grayscale": "probability of grayscale on the views only ssl reads (DINO: 0.2)",
-        "caption_jitter": "brightness/contrast/saturation jitter (factors in 1 +- this) of the view the caption "
-                          "describes, with clip; the other views keep 0.4. SLIP gives its CLIP view none: 0",
-        "image_size": "input resolution in pixels, a multiple of the patch size; 0 = the preset's",
-        "vit_init": "initialisation of the image tower: big_vision = xavier-uniform dense layers (SigLIP); "
-                    "dino = truncated normal with std 0.02 for the dense layers and the position table (DINO, "
-                    "iBOT). At the micro and tiny widths xavier's std is 3-4x DINO's",
-        "init_from": "a train.py checkpoint to start from: every tensor whose name and shape this model shares "
-                     "(the image tower, and the text tower and heads of the tasks both runs train) is copied, the rest is "
-                     "initialised from --seed; step, optimizer and schedules start afresh and the ssl teacher "
-                     "starts as the student. Needs the same image tower (--model, --image-size); a checkpoint "
-                     "to --resume from wins over it",
-        "out": "run folder: checkpoint.pt, metrics.jsonl, losses.png, config.json",
-        "seed": "seed of the model's initialisation and the augmentations (not of the toy data)",
-        "workers": "data-loading processes per training process (0 = load in the training process)",
-        "shuffle_buffer": "samples held in the shuffle buffer of the shard reader",
-        "log_every": "steps between log lines and metrics.jsonl rows",
-        "ckpt_every": "steps between checkpoints (and validation, unless --val-every)",
-        "val_every": "steps between validation passes; 0 = at every checkpoint",
-        "val_batches": "batches per validation pass",
-        "device": "cpu, cuda or cuda:N; empty = cuda if available, else cpu",
-        "koleo": "weight of DINOv2's KoLeo term on the student's global features, summed over the two "
-                 "global views as DINOv2 does; 0 = off",
-        "centering": "how the DINO and iBOT teachers are kept from collapse: mean = minus a running mean "
-                     "of their logits (DINO, iBOT); sinkhorn = Sinkhorn-Knopp, which gives every prototype "
-                     "the same mass over the batch (DINOv2; iBOT's over the masked patches)",
-        "freeze_last_layer": "fraction of the steps during which the DINO/iBOT prototype layers do not "
-                             "move (DINO and DINOv2 freeze them for the first of 100 epochs: 0.01)",
-    }
+    choices = {"precision": mtv.PRECISIONS, "captions": tuple(data.CAPTIONS), "ssl_views": ("shared", "separate"),
+               "centering": ("mean", "sinkhorn"), "vit_init": mtv.VIT_INITS}
     for f, default in asdict(TrainConfig()).items():
         name = "--" + f.replace("_", "-")
         if isinstance(default, bool):
-            p.add_argument(name, action="store_true", help=helps.get(f))
-        elif f == "precision":
-            p.add_argument(name, choices=mtv.PRECISIONS, default=default, help=helps[f])
-        elif f == "captions":
-            p.add_argument(name, choices=tuple(data.CAPTIONS), default=default, help=helps[f])
-        elif f == "ssl_views":
-            p.add_argument(name, choices=("shared", "separate"), default=default, help=helps[f])
-        elif f == "centering":
-            p.add_argument(name, choices=("mean", "sinkhorn"), default=default, help=helps[f])
-        elif f == "vit_init":
-            p.add_argument(name, choices=mtv.VIT_INITS, default=default, help=helps[f])
+            p.add_argument(name, action="store_true", help=FLAG_HELP.get(f))
+        elif f in choices:
+            p.add_argument(name, choices=choices[f], default=default, help=FLAG_HELP[f])
         else:
-            p.add_argument(name, type=type(default), default=default, help=helps.get(f))
+            p.add_argument(name, type=type(default), default=default, help=FLAG_HELP.get(f))
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
@@ -648,17 +644,8 @@ def setup(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    model_cfg = mtv.build_config(cfg.model)
-    if cfg.image_size:
-        model_cfg.vision.image_size = cfg.image_size
-    model_cfg.vision.init = cfg.vit_init
-    if cfg.prototypes:
-        model_cfg.heads.dino_prototypes = model_cfg.heads.ibot_prototypes = cfg.prototypes
+    model_cfg = model_config(cfg, world)
     size = model_cfg.vision.image_size
-    # The sigmoid losses start at the prior log-odds of their global batch (see HeadConfig): B
-    # captions per image for clip, about NAMES_PER_IMAGE * B names per name for ground.
-    model_cfg.heads.clip_bias = -math.log(max(cfg.batch_size * world - 1, 1))
-    model_cfg.heads.ground_bias = -math.log(max(NAMES_PER_IMAGE * cfg.batch_size * world - 1, 1))
 
     if cfg.data:
         train_shards = check_shards(cfg.data, tasks, "--data")
@@ -692,31 +679,9 @@ def setup(cfg):
     objectives = Objectives(model, tasks, cfg, weights).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    step = 0
-    if cfg.resume and os.path.exists(resume_path):
-        ck = load_checkpoint(resume_path)
-        if ck.get("model_config") != model.config_dict():
-            fail(f"--resume: {resume_path} was trained with another model or tasks "
-                 f"({ck.get('model_config', {}).get('tasks')}); use a fresh --out")
-        model.load_state_dict(ck["model"])
-        if teacher is not None:
-            teacher.load_state_dict(ck["teacher"])
-        objectives.load_state_dict(ck["objectives"])
-        optimizer.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        step = ck["step"]
-        print0(f"resumed from {resume_path} at step {step}")
-    elif cfg.resume == "latest":
-        print0(f"--resume latest: no checkpoint in {cfg.out} yet, starting "
-               + (f"from --init-from {cfg.init_from}" if cfg.init_from else "from scratch"))
-    if rank == 0:  # drop log lines written after the checkpoint we continue from
-        kept = []
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = list(f)
-        kept = [l for l in kept if json.loads(l)["step"] <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+    step = resume(cfg, resume_path, model, teacher, objectives, optimizer)
+    if rank == 0:
+        trim_log(metrics_path, step)
 
     # Without clip and ssl nothing reads the attention-pool head, and before --ssl-start nothing
     # reads the ssl heads: DDP must then be told that some parameters get no gradient.
@@ -735,6 +700,52 @@ def setup(cfg):
                               repeat=False, workers=0) if val_shards else None)
     return Run(cfg, tasks, weights, rank, world, device, total, model, teacher, objectives, optimizer, student,
                autocast, loader, val_loader, step, ckpt_path, metrics_path, train_shards)
+
+
+def model_config(cfg, world):
+    """The preset named by --model, with the flags that change it."""
+    model_cfg = mtv.build_config(cfg.model)
+    if cfg.image_size:
+        model_cfg.vision.image_size = cfg.image_size
+    model_cfg.vision.init = cfg.vit_init
+    if cfg.prototypes:
+        model_cfg.heads.dino_prototypes = model_cfg.heads.ibot_prototypes = cfg.prototypes
+    # The sigmoid losses start at the prior log-odds of their global batch (see HeadConfig): B
+    # captions per image for clip, about NAMES_PER_IMAGE * B names per name for ground.
+    model_cfg.heads.clip_bias = -math.log(max(cfg.batch_size * world - 1, 1))
+    model_cfg.heads.ground_bias = -math.log(max(NAMES_PER_IMAGE * cfg.batch_size * world - 1, 1))
+    return model_cfg
+
+
+def resume(cfg, path, model, teacher, objectives, optimizer):
+    """--resume: load everything a checkpoint holds, in place; returns the step to continue from (0 without one)."""
+    if not (cfg.resume and os.path.exists(path)):
+        if cfg.resume == "latest":
+            print0(f"--resume latest: no checkpoint in {cfg.out} yet, starting "
+                   + (f"from --init-from {cfg.init_from}" if cfg.init_from else "from scratch"))
+        return 0
+    ck = load_checkpoint(path)
+    if ck.get("model_config") != model.config_dict():
+        fail(f"--resume: {path} was trained with another model or tasks "
+             f"({ck.get('model_config', {}).get('tasks')}); use a fresh --out")
+    model.load_state_dict(ck["model"])
+    if teacher is not None:
+        teacher.load_state_dict(ck["teacher"])
+    objectives.load_state_dict(ck["objectives"])
+    optimizer.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    print0(f"resumed from {path} at step {ck['step']}")
+    return ck["step"]
+
+
+def trim_log(metrics_path, step):
+    """Drop the log lines written after the checkpoint we continue from (a crash leaves them)."""
+    kept = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = list(f)
+    with open(metrics_path, "w") as f:
+        f.writelines(l for l in kept if json.loads(l)["step"] <= step)
 
 
 def start_from(model, path):
