@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := runs/demo
 
-.PHONY: demo test install clean-demo ablate ablate-runs
+.PHONY: demo test install clean-demo ablate ablate-runs toy-data-path
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,7 +72,12 @@ EVAL_N ?= 2000
 LANES  ?= $(shell nproc)
 INIT_ROW ?= $(lastword $(ROWS))
 comma  := ,
-TOYDATA = runs/toy-data/world2-$(CAPTIONS)-n$(TOY_N)-px$(SIZE)
+# The toy data's folder names the code that makes it (train.toy_code_key: the same digest of data.py
+# and pseudolabel.py), so a change to the world or the simulated experts makes it anew: a cache made
+# by other code is never reused. Runs read it through --data, so editing the code mid-ablate cannot
+# send a lane off to make other data.
+TOYKEY := $(shell cat data.py pseudolabel.py | sha256sum | cut -c1-12)
+TOYDATA = runs/toy-data/world2-$(CAPTIONS)-n$(TOY_N)-px$(SIZE)-$(TOYKEY)
 RUNS    = $(foreach t,$(ROWS),$(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(t))-seed$(s)))
 INITS   = $(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(INIT_ROW))-seed$(s)/eval-init/results.json)
 ONE     = OMP_NUM_THREADS=1 $(PY)
@@ -80,7 +85,7 @@ run_tasks = $(subst +,$(comma),$(firstword $(subst -seed, ,$(1))))
 run_seed  = $(lastword $(subst -seed, ,$(1)))
 reverse   = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 
-ablate: $(VENV)/.installed $(TOYDATA)/labelled/summary.json
+ablate: $(VENV)/.installed $(TOYDATA)/made-by.json
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory -j $(LANES) ablate-runs || exit 1; \
 	echo "ablate: $(words $(RUNS)) runs in $(LANES) lanes, $$(( ($$(date +%s) - start) / 60 )) min wall"
@@ -89,17 +94,19 @@ ablate: $(VENV)/.installed $(TOYDATA)/labelled/summary.json
 # the dearest rows first, so that no lane idles at the end while another finishes a long run
 ablate-runs: $(addsuffix /eval/results.json,$(call reverse,$(RUNS))) $(INITS)
 
-# The toy world once, as train.py would make it, so that parallel lanes do not race to write it.
-$(TOYDATA)/labelled/summary.json:
-	$(PY) data.py --out $(TOYDATA)/raw --n $(TOY_N) --val-n 512 --size $(SIZE) --seed 0 --captions $(CAPTIONS)
-	$(PY) pseudolabel.py --shards '$(TOYDATA)/raw/*.tar' --out $(TOYDATA)/labelled \
-		--depth-expert simulated --ground-expert simulated
+# The toy world once, by train.py itself, so that parallel lanes do not race to write it.
+$(TOYDATA)/made-by.json:
+	$(PY) train.py --prepare-data --model $(MODEL) --image-size $(SIZE) --toy-n $(TOY_N) --captions $(CAPTIONS)
 
-$(ABLATE)/%/eval/results.json: $(TOYDATA)/labelled/summary.json
+# toy-data-path: where this checkout's toy data lives (a test compares it with train.py's)
+toy-data-path:
+	@echo $(TOYDATA)
+
+$(ABLATE)/%/eval/results.json: $(TOYDATA)/made-by.json
 	@mkdir -p $(ABLATE)/$* && echo "start $* (log: $(ABLATE)/$*/log.txt)"
 	@$(ONE) train.py --tasks $(call run_tasks,$*) --seed $(call run_seed,$*) --model $(MODEL) \
 		--image-size $(SIZE) --steps $(STEPS) --lr $(LR) --batch-size $(BATCH) --n-local $(NLOCAL) \
-		--toy-n $(TOY_N) --captions $(CAPTIONS) --precision $(PRECISION) $(RECIPE) $(EXTRA) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
+		--data '$(TOYDATA)/labelled/train-*.tar' --val-data '$(TOYDATA)/labelled/val-*.tar' --precision $(PRECISION) $(RECIPE) $(EXTRA) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
 		> $(ABLATE)/$*/log.txt 2>&1 || { tail -3 $(ABLATE)/$*/log.txt; exit 1; }
 	@$(ONE) evaluate.py $(ABLATE)/$*/checkpoint.pt --n $(EVAL_N) > $(ABLATE)/$*/eval.log 2>&1 \
 		|| { tail -3 $(ABLATE)/$*/eval.log; exit 1; }

@@ -64,8 +64,8 @@ FLOORS = {                                         # two checker tones each, des
 WALLS = (((0.78, 0.75, 0.70), (0.66, 0.63, 0.58)),  # brick courses in two tones, as desaturated
          ((0.62, 0.60, 0.66), (0.52, 0.50, 0.56)),  # as the floors
          ((0.58, 0.50, 0.46), (0.48, 0.41, 0.37)))
-# Bumped whenever render_scene draws different scenes, so that toy data made by an older world
-# (train.py and make ablate cache it under runs/toy-data/) is never mistaken for this one's.
+# Bumped whenever render_scene draws different scenes: the readable part of the toy data's cache name
+# (runs/toy-data/; the digest of data.py and pseudolabel.py after it is what keeps it from going stale).
 WORLD = "world2"
 FOV = math.radians(50.0)                           # square images: same field of view both ways
 FOCAL = 0.5 / math.tan(FOV / 2)                    # focal length in units of the image width

@@ -16,6 +16,7 @@ the same weights as a run that never stopped.
 
 import argparse
 import gc
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -85,6 +86,7 @@ class TrainConfig:
     val_batches: int = 4
     toy_n: int = 8000  # toy-world scenes generated when --data is not given
     captions: str = "web"  # the toy world's caption style: web alt-text or full
+    prepare_data: bool = False  # make (or find) the toy world's data, then exit
     device: str = ""  # "" = cuda if available, else cpu
     compile: bool = False
     precision: str = "auto"  # see mtv.autocast
@@ -111,6 +113,8 @@ FLAG_HELP = {  # train.py --help, one entry per TrainConfig field
     "captions": "caption style of the toy world made when --data is empty: web (alt-text that leaves "
                 "objects and attributes out, the default) or full (names every object's colour and shape)",
     "deterministic": "deterministic kernels (CPU: bit-identical resume)",
+    "prepare_data": "make (or find) the toy world's data under runs/toy-data/, print its folder and exit "
+                    "(make ablate does this once, so that parallel runs do not race to write it)",
     "compile": "torch.compile the model (minutes of compilation first, then faster steps)",
     "precision": "auto = bf16 autocast on CUDA, fp32 on CPU; bf16 = bf16 autocast on any device (on a "
                  "CPU: bf16 matmuls as on CUDA, slower); fp32 = no autocast. Weights, optimizer state and "
@@ -302,12 +306,36 @@ def lr_at(step, cfg, total):
 # The toy world as default data
 
 
+# The cache's name carries a digest of the code that makes it (the world in data.py, the simulated
+# experts in pseudolabel.py), so toy data made by other code, say before the tagger or copied in
+# with another checkout's runs/, is never reused: any change to either file makes it anew. The
+# Makefile's TOYKEY is the same digest (`cat data.py pseudolabel.py | sha256sum`; a test ties them).
+TOY_CODE = ("data.py", "pseudolabel.py")
+
+
+def toy_code_key(here=None):
+    h = hashlib.sha256()
+    for name in TOY_CODE:
+        with open(os.path.join(here or os.path.dirname(os.path.abspath(data.__file__)), name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def toy_data_root(cfg, size):
+    return os.path.join("runs", "toy-data", f"{data.WORLD}-{cfg.captions}-n{cfg.toy_n}-px{size}-{toy_code_key()}")
+
+
 def toy_data(cfg, size, rank):
-    """Generate and pseudo-label the toy world once; later runs with the same size reuse it. The
-    scenes do not depend on --seed: seeds vary the model and the augmentations, not the data."""
-    root = os.path.join("runs", "toy-data", f"{data.WORLD}-{cfg.captions}-n{cfg.toy_n}-px{size}")
-    labelled = os.path.join(root, "labelled")
-    if rank == 0 and not os.path.exists(os.path.join(labelled, "summary.json")):
+    """Generate and pseudo-label the toy world once; later runs with the same settings and code
+    reuse it. The scenes do not depend on --seed: seeds vary the model and the augmentations, not
+    the data. OUT/made-by.json names the code key and commit that made it."""
+    root, key = toy_data_root(cfg, size), toy_code_key()
+    labelled, made_by = os.path.join(root, "labelled"), os.path.join(root, "made-by.json")
+    if rank == 0 and os.path.exists(made_by):
+        with open(made_by) as f:
+            if json.load(f).get("code_key") != key:  # only if copied in by hand under this name
+                fail(f"the toy data in {root} was made by other code than this checkout's; delete it")
+    if rank == 0 and not os.path.exists(made_by):
         print0(f"generating the toy world in {root} (simulated experts label it)")
         data.main(["--out", os.path.join(root, "raw"), "--n", str(cfg.toy_n), "--val-n", "512",
                    "--size", str(size), "--seed", "0",
@@ -316,6 +344,9 @@ def toy_data(cfg, size, rank):
 
         pseudolabel.main(["--shards", os.path.join(root, "raw", "*.tar"), "--out", labelled,
                           "--depth-expert", "simulated", "--ground-expert", "simulated"])
+        with open(made_by + ".tmp", "w") as f:  # written last: its presence means the data is whole
+            json.dump({"code_key": key, "code": list(TOY_CODE), **run_info()}, f, indent=2)
+        os.replace(made_by + ".tmp", made_by)
     barrier()
     return os.path.join(labelled, "train-*.tar"), os.path.join(labelled, "val-*.tar")
 
@@ -584,6 +615,8 @@ def check_config(cfg):
         fail(f"unknown --model {cfg.model!r}; choose from {', '.join(mtv.PRESETS)}")
     if cfg.precision not in mtv.PRECISIONS:
         fail(f"unknown --precision {cfg.precision!r}; choose from {', '.join(mtv.PRECISIONS)}")
+    if cfg.prepare_data and cfg.data:
+        fail("--prepare-data makes the toy world, which --data replaces; give one of them")
     for flag in ("steps", "batch_size", "log_every", "ckpt_every"):
         if getattr(cfg, flag) <= 0 and not (flag == "steps" and cfg.epochs > 0):
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(cfg, flag)}")
@@ -652,6 +685,9 @@ def setup(cfg):
         val_pattern = cfg.val_data
     else:
         train_glob, val_glob = toy_data(cfg, size, rank)
+        if cfg.prepare_data:
+            print0(f"toy data: {os.path.dirname(os.path.dirname(train_glob))}")
+            return None
         train_shards = check_shards(train_glob, tasks, "--data")
         val_pattern = cfg.val_data or val_glob
     val_shards = check_shards(val_pattern, tasks, "--val-data") if val_pattern else []
@@ -872,6 +908,8 @@ def teardown(r):
 
 def main(argv=None):
     r = setup(parse_args(argv))
+    if r is None:  # --prepare-data: the toy data is made; nothing to train
+        return
     try:
         train_loop(r)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the checkpoint on disk is intact

@@ -4,7 +4,12 @@ patches. The world before these targets failed each: 12 % of objects covered a p
 the 2x2-patch window was 0.33, patch position explained 94 % of depth, every caption named
 everything."""
 
+import json
+import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ import pytest
 import data
 
 SIZE, PATCH, N = 32, 8, 1200
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +99,59 @@ def test_web_captions_leave_things_out_and_the_truth_stays(scenes, monkeypatch):
         assert all(o["name"] in full["caption"] for o in full["objects"])
 
 
-def test_makefile_caches_toy_data_under_the_world_version():
-    with open("Makefile") as f:
-        assert f"runs/toy-data/{data.WORLD}-" in f.read()
+# The toy data's cache is keyed by the code that makes it: README's ladder once ran on a cache made
+# before the tagger, whose folder name said nothing of the labeller.
+
+def _make_toy_data_path(folder):
+    return subprocess.run(["make", "-s", "-C", str(folder), "toy-data-path"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_makefile_and_train_key_the_toy_data_by_its_code(tmp_path):
+    """Makefile and train.py name the same folder, and a change to the world's or the labeller's
+    code changes that name in both (so make ablate and train.py make the data anew)."""
+    import train
+
+    cfg = train.TrainConfig()
+    assert _make_toy_data_path(REPO) == train.toy_data_root(cfg, SIZE)
+    assert f"runs/toy-data/{data.WORLD}-web-n8000-px32-" in train.toy_data_root(cfg, SIZE)
+    for name in ("Makefile", *train.TOY_CODE):
+        shutil.copy(REPO / name, tmp_path / name)
+    before = (_make_toy_data_path(tmp_path), train.toy_code_key(tmp_path))
+    assert before[0].endswith(before[1]) and before[1] == train.toy_code_key()
+    seen = {before}
+    for name in train.TOY_CODE:
+        with open(tmp_path / name, "a") as f:
+            f.write("\n# a change\n")
+        now = (_make_toy_data_path(tmp_path), train.toy_code_key(tmp_path))
+        assert now[0].endswith(now[1]) and now not in seen, name
+        seen.add(now)
+
+
+def test_train_makes_reuses_and_refuses_toy_data(tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--prepare-data", "--model", "micro", "--image-size", "32", "--toy-n", "8"]
+    train.main(args)
+    root = train.toy_data_root(train.parse_args(args), SIZE)
+    made_by = os.path.join(root, "made-by.json")
+    with open(made_by) as f:
+        assert json.load(f)["code_key"] == train.toy_code_key()
+    stamp = os.stat(made_by).st_mtime_ns
+    train.main(args)  # same code: found, not made again
+    assert os.stat(made_by).st_mtime_ns == stamp
+    # other code: another folder, made anew
+    monkeypatch.setattr(train, "toy_code_key", lambda here=None: "0123456789ab")
+    train.main(args)
+    assert os.path.exists(os.path.join(train.toy_data_root(train.parse_args(args), SIZE), "made-by.json"))
+    # a cache put under this code's name by hand, made by other code: refused in one line
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    with open(made_by, "w") as f:
+        json.dump({"code_key": "fedcba987654"}, f)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "made by other code" in err and len(err.splitlines()) == 1
