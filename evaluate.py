@@ -66,7 +66,7 @@ Outputs: OUT/results.json (tasks, seed, init, flat metrics with se, chance, ceil
 are lower-is-better, skipped protocols) and OUT/results.md; OUT defaults to <checkpoint
 dir>/eval (eval-init with --init). --compare reads RUN_DIR/eval/results.json (and
 RUN_DIR/eval-init/results.json where present) of several train.py runs, groups runs with the
-same tasks (seeds) and writes the paper's Figure 1 layout to OUT/compare.md and OUT/radar.png:
+same tasks (seeds) and writes the paper's Figure 1 layout to OUT/compare.md (and .json) and OUT/radar.png:
 mean +- std over seeds, chance and ceiling rows, the untrained row first, and each row's
 difference from the first trained row and from the untrained one in units of their pooled seed
 std (bold where it exceeds 2).
@@ -1448,7 +1448,7 @@ def row_stats(results, names):
         std = float(np.std(v, ddof=1)) if len(v) > 1 else None
         se = float(np.mean(se)) if se else None
         out[k] = {"mean": float(np.mean(v)), "std": std, "se": se, "spread": std if std is not None else se,
-                  "seeds": len(v)}
+                  "seeds": len(v), "values": [float(x) for x in v]}
     return out
 
 
@@ -1535,6 +1535,10 @@ def compare(run_dirs, out):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "compare.json"), "w") as f:  # the same table for programs (notebook 03)
+        json.dump({"metrics": {k: {"better": arrow(k), **refs[k]} for k in names},
+                   "rows": [{"label": label, "seeds": [r["seed"] for r in results], "stats": st}
+                            for (label, results), (_, st) in zip(rows, stats)]}, f, indent=1)
     drew = radar(stats, names, refs, os.path.join(out, "radar.png"))
     print("\n".join(lines))
     print(f"wrote {os.path.join(out, 'compare.md')}" + (f" and {os.path.join(out, 'radar.png')}" if drew else ""))

@@ -452,6 +452,10 @@ def test_compare_groups_seeds(tmp_path, capsys):
     # from the untrained row: (0.5 - 0.26) / sqrt((0.05^2 + 0.02^2) / 2) = 6.3 -> bold
     assert "Difference from **init (untrained)**" in md and "**+0.240 (+6.3σ)**" in md
     assert (tmp_path / "cmp" / "radar.png").stat().st_size > 0
+    js = json.loads((tmp_path / "cmp" / "compare.json").read_text())  # the same table for programs
+    assert [r["label"] for r in js["rows"]] == list(table) and js["rows"][1]["seeds"] == [0, 1]
+    assert js["rows"][1]["stats"]["zs_shape_acc"]["values"] == [0.2, 0.4]
+    assert js["metrics"]["depth_probe_rmse"] == {"better": "↓", "chance": 4.0, "ceiling": 1.0}
     with pytest.raises(SystemExit) as e:
         E.main(["--compare", str(tmp_path / "missing")])
     assert e.value.code == 2 and "no eval/results.json" in capsys.readouterr().err
