@@ -1,6 +1,8 @@
-"""Every `python ...` line of the README runs as written (toy-sized where the line would take
-minutes), in a fresh folder, through this interpreter (the project's .venv under `make test`).
-A README line this file does not know fails the test: a new command must be given a toy-sized
+"""README as a guide: every `python ...` line of README.md and docs/*.md runs as written (toy-sized
+where the line would take minutes), in a fresh folder, through this interpreter (the project's .venv
+under `make test`).
+
+A command line this file does not know fails the test: a new command must be given a toy-sized
 form here, or a reason why it cannot run on a CPU without data."""
 
 import re
@@ -11,10 +13,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 SMALL_TRAIN = ["--steps", "2", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--n-local", "2"]
 
-# README line (as it reads, continuation lines joined, comment dropped) -> the argv run in its
-# place, in order (later lines use what earlier ones made), or the reason it is not run.
+# README or docs/ line (as it reads, continuation lines joined, comment dropped) -> the argv run in
+# its place, in order (later lines use what earlier ones made), or the reason it is not run.
 COMMANDS = {
     "python data.py --out DIR --n 6000 --val-n 512 [--size 64] [--seed 0]":
         ["data.py", "--out", "DIR", "--n", "24", "--val-n", "8", "--size", "32", "--seed", "0"],
@@ -56,14 +59,16 @@ COMMANDS = {
 
 
 def readme_commands():
-    text = (ROOT / "README.md").read_text()
+    """The `python ...` lines of README's bash blocks, then those of docs/*.md that README does not
+    have (the real-data commands moved there), each once, in order."""
     lines = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for cmd in re.sub(r"\\\n\s*", "", block).splitlines():
-            cmd = re.sub(r"\s+#.*$", "", cmd).strip()
-            if cmd.startswith("python "):
-                lines.append(re.sub(r"\s+", " ", cmd))
-    return lines
+    for path in [ROOT / "README.md", *DOCS]:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+            for cmd in re.sub(r"\\\n\s*", "", block).splitlines():
+                cmd = re.sub(r"\s+#.*$", "", cmd).strip()
+                if cmd.startswith("python "):
+                    lines.append(re.sub(r"\s+", " ", cmd))
+    return list(dict.fromkeys(lines))
 
 
 def test_every_readme_python_line_is_known():
