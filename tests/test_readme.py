@@ -1,10 +1,11 @@
 """README as a guide: every `python ...` line of README.md and docs/*.md runs as written (toy-sized
 where the line would take minutes), in a fresh folder, through this interpreter (the project's .venv
-under `make test`).
+under `make test`); README stays short; every relative link in README.md and docs/ resolves.
 
 A command line this file does not know fails the test: a new command must be given a toy-sized
 form here, or a reason why it cannot run on a CPU without data."""
 
+import math
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
+README_MAX_LINES = 350  # issue 36: a guide, with the research log in docs/
 SMALL_TRAIN = ["--steps", "2", "--batch-size", "4", "--image-size", "32", "--workers", "0", "--n-local", "2"]
 
 # README or docs/ line (as it reads, continuation lines joined, comment dropped) -> the argv run in
@@ -124,3 +126,81 @@ def test_ablate_defaults_are_the_readme_recipe():
     assert (make["MODEL"], make["STEPS"], make["LR"]) == (recipe[1], recipe[2].replace(",", ""), recipe[3])
     joining = re.search(r"^RECIPE \?= (.*)$", (ROOT / "Makefile").read_text(), re.M)[1].strip()
     assert f"`RECIPE ?= {joining}`" in (ROOT / "README.md").read_text(), "README does not name the joining recipe"
+
+
+def test_readme_is_a_guide():
+    n = len((ROOT / "README.md").read_text().splitlines())
+    assert n <= README_MAX_LINES, f"README.md has {n} lines, at most {README_MAX_LINES}: move detail into docs/"
+
+
+def relative_links(path):
+    """(target, line number) of every relative link and image in a Markdown file: inline
+    [text](target), ![alt](target) and reference definitions [x]: target; fenced code blocks and
+    inline code are not Markdown links, and web and mail addresses are not checked."""
+    text = re.sub(r"```.*?```", lambda m: "\n" * m[0].count("\n"), path.read_text(), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    found = [(m[1], m.start()) for m in re.finditer(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text)]
+    found += [(m[1], m.start()) for m in re.finditer(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", text, re.M)]
+    return [(target, text.count("\n", 0, at) + 1) for target, at in found
+            if not re.match(r"(https?:|mailto:)", target)]
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *DOCS], ids=lambda p: p.name)
+def test_relative_links_resolve(path):
+    """Every relative link of README.md and docs/*.md names a file that exists (the log moved to
+    docs/ by issue 36 links tables, plots and code from there), and a #Lx-Ly anchor into a .py file
+    names lines that file has, so a range left behind by a shorter file fails."""
+    bad = []
+    for target, line in relative_links(path):
+        file, _, anchor = target.partition("#")
+        where = (path.parent / file).resolve() if file else path
+        if not where.exists():
+            bad.append(f"{path.name}:{line}: {target} (no such file)")
+            continue
+        lines = re.fullmatch(r"L(\d+)(?:-L(\d+))?", anchor)
+        if lines and where.suffix == ".py":
+            first, last = int(lines[1]), int(lines[2] or lines[1])
+            n = len(where.read_text().splitlines())
+            if not first <= last <= n:
+                bad.append(f"{path.name}:{line}: {target} ({where.name} has {n} lines)")
+    assert not bad, "\n".join(bad)
+
+
+def test_link_check_catches_broken_links(tmp_path):
+    """The link check itself: a missing file and a line range past the end are reported, a web
+    address, a same-page anchor and a link inside code are not."""
+    (tmp_path / "a.py").write_text("x = 1\ny = 2\n")
+    (tmp_path / "page.md").write_text(
+        "[ok](a.py#L1-L2) [ok](#top) [web](https://example.org/x) `[code](nowhere.md)`\n"
+        "```\n[code](nowhere.md)\n```\n"
+        "[gone](missing.md) ![img](missing.png)\n[stale](a.py#L2-L9)\n[ref]: other.md\n")
+    found = relative_links(tmp_path / "page.md")
+    assert [t for t, _ in found] == ["a.py#L1-L2", "#top", "missing.md", "missing.png", "a.py#L2-L9", "other.md"]
+    assert [line for _, line in found] == [1, 1, 5, 5, 6, 7]
+
+
+def t_tail(t, df):
+    """P(|T| > t) for Student's t with 2 or 4 degrees of freedom, in closed form."""
+    x = t / math.sqrt(df + t * t)
+    return {2: 1 - x, 4: 1 - x * (3 - x * x) / 2}[df]
+
+
+def test_chance_bold_cells_as_readme_states():
+    """README "Reading the numbers": with n seeds a row and no true difference, Δ/σ (σ the pooled
+    seed std, evaluate.difference) is sqrt(2/n) t_(2n-2). The closed form is checked by simulation
+    and the numbers README quotes are recomputed here."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for n, df in ((3, 4), (2, 2)):
+        a, b = rng.standard_normal((2, 200_000, n))
+        ratio = (a.mean(1) - b.mean(1)) / np.sqrt((a.var(1, ddof=1) + b.var(1, ddof=1)) / 2)
+        assert abs((np.abs(ratio) > 2).mean() - t_tail(2 / math.sqrt(2 / n), df)) < 0.004
+    text = (ROOT / "README.md").read_text()
+    para = re.search(r"\*\*How many bold cells chance alone gives\.\*\*(.*?)\n\n", text, re.S)
+    assert para, "README has no paragraph on how many bold cells chance alone gives"
+    three, two, t4 = t_tail(2 / math.sqrt(2 / 3), 4), t_tail(2, 2), t_tail(2, 4)
+    for quoted in (f"{2 / math.sqrt(2 / 3):.3f}) = {three:.3f}", f"{40 * three:.1f} bold cells in a table of 40",
+                   f"P(|t_2| > 2) = {two:.3f}", f"{40 * two:.1f} in 40", f"P(|t_4| > 2) = {t4:.3f}",
+                   f"{40 * t4:.1f} in 40"):
+        assert quoted in para[1], f"README's chance paragraph should say {quoted!r}"
