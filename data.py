@@ -39,7 +39,6 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 # -----------------------------------------------------------------------------
@@ -86,12 +85,16 @@ def sample_camera(rng):
             "wall_height": rng.uniform(2.5, 6.0)}
 
 
+@lru_cache(maxsize=64)  # a scene's layout asks for its camera's rotation hundreds of times
 def rotation(pitch, roll):
-    """(3, 3) camera-to-world rotation: roll about the viewing axis, then pitch down."""
+    """(3, 3) camera-to-world rotation: roll about the viewing axis, then pitch down (read-only:
+    callers share the cached array)."""
     cr, sr, cp, sp = math.cos(roll), math.sin(roll), math.cos(pitch), math.sin(pitch)
     R_roll = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
     R_pitch = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
-    return (R_pitch @ R_roll).astype(np.float32)
+    R = (R_pitch @ R_roll).astype(np.float32)
+    R.flags.writeable = False
+    return R
 
 
 @lru_cache(maxsize=8)
@@ -859,7 +862,7 @@ def crop_and_flip(sample, crop, flip, size, min_visible=0.3):
     height, width = sample["image"].shape[:2]
     region = (left / width, top / height, (left + w) / width, (top + h) / height)
     image = torch.from_numpy(sample["image"]).permute(2, 0, 1)  # (3, H, W) uint8
-    image = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    image = _tf().resized_crop(image, top, left, h, w, [size, size], antialias=True)
     out = {"image": image.flip(-1) if flip else image}
     if "depth" in sample:
         out["depth"] = torch.from_numpy(_crop_map(sample["depth"], region, flip, size))
@@ -879,10 +882,19 @@ def crop_and_flip(sample, crop, flip, size, min_visible=0.3):
     return out
 
 
+def _tf():
+    """torchvision's functional transforms, imported on first use: torchvision takes seconds to
+    import, and only the training views need it (not evaluate.py, the readers or the world)."""
+    import torchvision.transforms.v2.functional as TF
+
+    return TF
+
+
 def _photometric(image, rng, jitter, hue=0.0, grayscale=0.0):
     """uint8 (3, S, S) -> float (3, S, S) with brightness/contrast/saturation jitter, then (where
     asked) a hue shift and grayscale, normalised with SigLIP's mean = std = 0.5. Photometric only:
     labels are unaffected."""
+    TF = _tf()
     x = image.float() / 255
     if jitter:
         b, c, s = rng.uniform(1 - jitter, 1 + jitter, 3)
@@ -1083,6 +1095,7 @@ def read_imagenet(root, train_per_class=IMAGENET_TRAIN_PER_CLASS):
         sets[split] = [(f, k) for k, c in enumerate(classes) for f in image_files(os.path.join(root, split, c))[:keep]]
         if not sets[split]:
             raise BenchmarkError(f"--imagenet {root}: no images in {split}/CLASS/ folders")
+        need_decodable([f for f, _ in sets[split]], "--imagenet")
     return classes, sets
 
 
@@ -1097,6 +1110,22 @@ def read_json(path, flag):
 def need_files(paths, flag, what):
     if missing := [p for p in paths if not os.path.isfile(p)]:
         raise BenchmarkError(f"{flag}: {len(missing)} {what} missing, e.g. {missing[0]}")
+
+
+def need_decodable(paths, flag):
+    """Decode every image a benchmark will read before any work: real downloads hold truncated
+    JPEGs and error pages saved under an image's name, which would otherwise end evaluate.py in a
+    traceback, perhaps after its heads trained for many minutes. JPEGs decode at 1/8 scale (draft
+    mode), which still reads every byte, so the check costs a fraction of the evaluation."""
+    from tqdm import tqdm  # only the readers need it
+
+    for p in tqdm(paths, desc=f"{flag}: decoding", leave=False, disable=len(paths) < 200):
+        try:
+            with Image.open(p) as im:
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable and truncated files
+            raise BenchmarkError(f"{flag}: {p} cannot be decoded ({type(e).__name__}: {e})") from None
 
 
 def pad_square(image, fill=255):
@@ -1145,7 +1174,8 @@ def read_spair(root, split="test", per_class=SPAIR_PER_CLASS, seed=SPAIR_SEED):
             order = np.random.default_rng(seed).permutation(len(chosen))[:per_class]
             chosen = [chosen[i] for i in sorted(order)]
         pairs += chosen
-    need_files(sorted({p[k] for p in pairs for k in ("src", "trg")}), flag, "images listed in PairAnnotation are")
+    need_files(images := sorted({p[k] for p in pairs for k in ("src", "trg")}), flag, "images listed in PairAnnotation are")
+    need_decodable(images, flag)
     sides = {}
     for p in pairs:
         for k in ("src", "trg"):
@@ -1178,6 +1208,7 @@ def read_coco_karpathy(root, karpathy=None):
     if not test:
         raise BenchmarkError(f"{flag}: {path} lists no image of split 'test'")
     need_files(files, flag, "test images of dataset_coco.json are")
+    need_decodable(files, flag)
     return files, captions, owner
 
 
@@ -1193,6 +1224,7 @@ def read_nyu_eigen(root):
             raise BenchmarkError(f"{flag} {root}: no official_splits/{split}/SCENE/rgb_*.jpg (BTS's NYUv2 layout)")
         depths = [os.path.join(os.path.dirname(f), "sync_depth_" + os.path.basename(f)[4:-4] + ".png") for f in images]
         need_files(depths, flag, f"depth maps sync_depth_*.png of official_splits/{split} are")
+        need_decodable(images + depths, flag)
         out[split] = list(zip(images, depths))
     return out
 
@@ -1213,43 +1245,70 @@ def read_ade(root):
             raise BenchmarkError(f"{flag} {root}: no images/{folder}/*.jpg (ADEChallengeData2016 layout)")
         labels = [os.path.join(root, "annotations", folder, os.path.basename(f)[:-4] + ".png") for f in images]
         need_files(labels, flag, f"annotations/{folder}/*.png of the images are")
+        need_decodable(images + labels, flag)
         out[split] = list(zip(images, labels))
     return out
 
 
-KITTI_LIST = "kitti_eigen_test_files_with_gt.txt"
+# KITTI's Eigen test list and folders as the references lay them out: BTS (eigen_test_files_with_gt.txt,
+# the raw drives at the root), ZoeDepth / Depth Anything (kitti_eigen_test_files_with_gt.txt, raw/ or
+# raw_data/, annotated depth in data_depth_annotated/ or data_depth_annotated_zoedepth/, whose lists
+# may hold absolute paths of the machine that wrote them). The annotated depth as KITTI ships it has
+# train/ and val/ inside; BTS merges them, and either way is read.
+KITTI_LISTS = ("kitti_eigen_test_files_with_gt.txt", "eigen_test_files_with_gt.txt")
+KITTI_LIST = KITTI_LISTS[0]
+KITTI_RAW = ("raw", "raw_data", "")
+KITTI_GT = tuple(os.path.join(a, b) for a in ("data_depth_annotated", "data_depth_annotated_zoedepth")
+                 for b in ("", "train", "val"))
+KITTI_IMAGE = re.compile(r"(?:^|/)(\d{4}_\d{2}_\d{2}/.+)$")  # from the date folder: DATE/DRIVE/image_02/data/N.png
+KITTI_DEPTH = re.compile(r"(?:^|/)(\d{4}_\d{2}_\d{2}_drive_\d{4}_sync/.+)$")  # DRIVE/proj_depth/groundtruth/...
+
+
+def kitti_file(root, field, pattern, folders):
+    """The file a list entry names, in the first of ROOT/FOLDER that holds it (None if none does)."""
+    m = pattern.search(field)
+    rel = m.group(1) if m else field.lstrip("/")
+    return next((p for f in folders if os.path.isfile(p := os.path.join(root, f, rel))), None)
 
 
 def read_kitti_eigen(root, listing=None):
-    """KITTI's Eigen test split with the annotated depth, in BTS's and Depth Anything's layout: the
-    list ROOT/kitti_eigen_test_files_with_gt.txt ("IMAGE GT FOCAL" per line, GT "None" where the
-    annotated depth lacks the frame: 652 of 697 lines have one), images at ROOT/raw/IMAGE (KITTI raw:
-    DATE/DRIVE/image_02/data/N.png), depth at ROOT/data_depth_annotated/GT (DRIVE/proj_depth/
-    groundtruth/image_02/N.png, 16-bit, metres x 256, 0 = none; train/ and val/ merged as BTS says).
-    Returns [(image, depth), ...]."""
+    """KITTI's Eigen test split with the annotated depth: the list ("IMAGE GT [FOCAL]" per line, GT
+    "None" where the annotated depth lacks the frame: 652 of 697 lines have one) is ROOT/
+    kitti_eigen_test_files_with_gt.txt (ZoeDepth, Depth Anything) or ROOT/eigen_test_files_with_gt.txt
+    (BTS), or the file given; images (KITTI raw: DATE/DRIVE/image_02/data/N.png) under ROOT/raw/,
+    ROOT/raw_data/ or ROOT itself; depth (DRIVE/proj_depth/groundtruth/image_02/N.png, 16-bit,
+    metres x 256, 0 = none) under ROOT/data_depth_annotated/ or ROOT/data_depth_annotated_zoedepth/,
+    with or without KITTI's train/ and val/ level. Returns [(image, depth), ...]."""
     flag = "--kitti"
-    path = listing or os.path.join(root, KITTI_LIST)
-    if not os.path.isfile(path):
-        raise BenchmarkError(f"{flag} {root}: no {KITTI_LIST} (the Eigen test list of BTS / Depth Anything)")
-    pairs = []
+    path = listing or next((p for name in KITTI_LISTS if os.path.isfile(p := os.path.join(root, name))), None)
+    if path is None or not os.path.isfile(path):
+        raise BenchmarkError(f"{flag} {root}: no {' or '.join(KITTI_LISTS)} (the Eigen test list of "
+                             "Depth Anything / BTS)")
+    pairs, missing = [], []
     with open(path) as f:
         for line in f:
             parts = line.split()
-            if len(parts) < 2:
+            if len(parts) < 2 or parts[1] == "None":
                 continue
-            if parts[1] != "None":
-                pairs.append((os.path.join(root, "raw", parts[0].lstrip("/")),
-                              os.path.join(root, "data_depth_annotated", parts[1].lstrip("/"))))
+            image, depth = kitti_file(root, parts[0], KITTI_IMAGE, KITTI_RAW), kitti_file(root, parts[1], KITTI_DEPTH, KITTI_GT)
+            if image is None or depth is None:
+                missing.append(parts[0] if image is None else parts[1])
+            else:
+                pairs.append((image, depth))
+    if missing:
+        raise BenchmarkError(f"{flag}: {len(missing)} images or depth maps of {path} are missing under "
+                             f"{root} (raw/, raw_data/ or the root; data_depth_annotated[_zoedepth]/), "
+                             f"e.g. {missing[0]}")
     if not pairs:
         raise BenchmarkError(f"{flag}: {path} lists no image with ground truth")
-    need_files([p for pair in pairs for p in pair], flag, "images or depth maps of the Eigen list are")
+    need_decodable([p for pair in pairs for p in pair], flag)
     return pairs
-
 
 
 NAVI_MAX_ANGLE = 120.0  # degrees: Probe3D pairs a photo with one whose view differs by at most this
 NAVI_EVERY = 4  # Probe3D keeps every 4th photo as a pair's first image
 NAVI_SEED = 8
+NAVI_SAME_VIEW = 1e-3  # degrees: two photos this close in rotation show the same view (float rounding of equal poses)
 
 
 def quaternion_matrix(q):
@@ -1282,6 +1341,7 @@ def navi_photos(folder, flag):
     except (KeyError, TypeError, ValueError, OSError) as e:
         raise BenchmarkError(f"{flag}: {folder} is not a NAVI collection ({type(e).__name__}: {e})") from None
     need_files([p["depth"] for p in photos.values()], flag, f"depth maps of {folder} are")
+    need_decodable([p[k] for p in photos.values() for k in ("image", "depth")], flag)
     return photos
 
 
@@ -1290,10 +1350,10 @@ def read_navi(root, max_angle=NAVI_MAX_ANGLE, every=NAVI_EVERY, seed=NAVI_SEED):
     images/ID.jpg, depth/ID.png (16-bit) and annotations.json (per photo: filename, image_size [h, w],
     camera {q (w, x, y, z), t (mm), focal_length (px)}: the object-to-camera pose). Probe3D's test
     pairs: the wild-set photos of every object that also has a multiview_* collection, each paired
-    with another photo of the same object whose camera rotation differs by more than 0 and at most
-    max_angle degrees, drawn uniformly (seeded; Probe3D's draw follows an unsorted directory
-    listing), photos without such a partner left out, and every `every`-th photo in (object, id)
-    order kept as a first image. Returns [(photo, photo)]."""
+    with another photo of the same object whose camera rotation differs by more than NAVI_SAME_VIEW
+    (0.001 degrees: equal up to rounding) and at most max_angle degrees, drawn uniformly (seeded;
+    Probe3D's draw follows an unsorted directory listing), photos without such a partner left out,
+    and every `every`-th photo in (object, id) order kept as a first image. Returns [(photo, photo)]."""
     flag = "--navi"
     objects = sorted(d for d in glob.glob(os.path.join(root, "*", "wild_set")) if os.path.isdir(d))
     if not objects:
@@ -1308,9 +1368,11 @@ def read_navi(root, max_angle=NAVI_MAX_ANGLE, every=NAVI_EVERY, seed=NAVI_SEED):
         R = np.stack([p["pose"][:3, :3] for p in photos])
         trace = np.einsum("aij,bij->ab", R, R)  # trace(Ra Rb^T)
         angle = np.degrees(np.arccos(np.clip((trace - 1) / 2, -1, 1)))
-        np.fill_diagonal(angle, 0)  # rounding can leave a photo ~1e-6 degrees from itself: never its own partner
+        # a photo is never its own partner, nor another with the same rotation: rounding leaves
+        # equal rotations ~1e-6 degrees apart, which "more than 0" would let through
+        np.fill_diagonal(angle, 0)
         for i, p in enumerate(photos):
-            allowed = torch.from_numpy((angle[i] > 0) & (angle[i] <= max_angle)).double()
+            allowed = torch.from_numpy((angle[i] > NAVI_SAME_VIEW) & (angle[i] <= max_angle)).double()
             if allowed.sum() > 0:
                 firsts.append((p, photos[int(torch.multinomial(allowed, 1, generator=g))]))
     if not firsts:

@@ -458,23 +458,20 @@ def extract(model, items, want, device, desc, load=None):
     MTV.depth_taps; any model, with a depth head or without), "img" (n, D) normalised image
     embedding, "depth" (n, H, W) the depth head's relative inverse depth."""
     out = {k: [] for k in want}
-    taps = mtv.dpt_layers(model.cfg.vision) if "taps" in want else ()
+    pool = bool({"pooled", "img"} & set(want))
+    # the DPT head reads the same four blocks as "taps": one pass of the tower serves both
+    taps = mtv.dpt_layers(model.cfg.vision) if {"taps", "depth"} & set(want) else ()
+    grid = lambda t, x: rearrange(t, "b (h w) d -> b h w d", h=x.shape[-2] // model.cfg.vision.patch_size)
     for i in tqdm(range(0, len(items), BATCH), desc=desc, leave=False, disable=desc is None):
         x = to_input([load(it) if load else it for it in items[i:i + BATCH]], device)
-        if {"pooled", "patch", "taps", "img"} & set(want):
-            with mtv.autocast(device, PRECISION):
-                vis = model.vision(x, layers=taps)  # the taps come from the same pass as the patch tokens
-                tapped = model.depth_taps(vis["layers"])
-            grid = lambda t: rearrange(t, "b (h w) d -> b h w d", h=x.shape[-2] // model.cfg.vision.patch_size)
-            got = {"pooled": vis["pooled"], "img": F.normalize(vis["pooled"], dim=-1),  # = encode_image(x)
-                   "patch": grid(vis["patch"])}
-            if taps:
-                got["taps"] = grid(torch.cat(tapped, -1))
-            for k in set(want) & set(got):
-                out[k].append(got[k].float().cpu())
-        if "depth" in want:
-            with mtv.autocast(device, PRECISION):
-                out["depth"].append(model.predict_depth(x).float().cpu())
+        with mtv.autocast(device, PRECISION):
+            vis = model.vision(x, layers=taps, pool=pool)
+            tapped = model.depth_taps(vis["layers"])
+            got = {"patch": lambda: grid(vis["patch"], x), "taps": lambda: grid(torch.cat(tapped, -1), x),
+                   "pooled": lambda: vis["pooled"], "img": lambda: F.normalize(vis["pooled"], dim=-1),  # = encode_image
+                   "depth": lambda: model.depth_head(tapped, model._grid(x), x.shape[-2:])}  # = predict_depth
+            for k in want:
+                out[k].append(got[k]().float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -968,10 +965,10 @@ def imagenet_class_names(root, folders, names_file=None):
     return [names[index[c]] for c in folders]
 
 
-def imagenet_suite(model, root, device, skip, opts):
+def imagenet_suite(model, root, device, skip, opts, listing=None):
     """[ImageNet] zero-shot on val/ with CLIP's class names and 80 templates (lower-cased for a
     SigLIP tokenizer, as its captions were); with train/ also logistic regression and k-NN."""
-    classes, sets = data.read_imagenet(root)
+    classes, sets = listing or data.read_imagenet(root)
     S, m = model.cfg.vision.image_size, Scores()
     feats, labels = {}, {}
     for split, items in sets.items():
@@ -1000,14 +997,14 @@ def imagenet_suite(model, root, device, skip, opts):
     return m
 
 
-def coco_suite(model, root, device, skip, opts):
+def coco_suite(model, root, device, skip, opts, listing=None):
     """[COCO retrieval] Karpathy's 5k test images against all their captions (5 or more each), both
     ways, recall at 1, 5, 10 (as open_clip and CLIP_benchmark score it)."""
     m = Scores()
     if not hasattr(model, "text"):
         skip("COCO retrieval: the model has no text tower")
         return m
-    files, captions, owner = data.read_coco_karpathy(root)
+    files, captions, owner = listing or data.read_coco_karpathy(root)
     S = model.cfg.vision.image_size
     img = extract(model, files, ("img",), device, "coco images", lambda f: data.load_image(f, S))["img"]
     sim = img @ embed_text(model, captions, device).T  # (images, captions)
@@ -1018,12 +1015,12 @@ def coco_suite(model, root, device, skip, opts):
     return m
 
 
-def spair_suite(model, root, device, skip, opts):
+def spair_suite(model, root, device, skip, opts, listing=None):
     """[SPair-71k] Probe3D's protocol on the test pairs: each image padded to a square (white, bottom
     and right) and resized to the model's input, final-layer patch features, every source keypoint
     transferred to the target by nearest neighbour (keypoint_transfer), PCK@0.1 of the target
     box's longer side, per class, then the mean over classes."""
-    pairs = data.read_spair(root)
+    pairs = listing or data.read_spair(root)
     S, m = model.cfg.vision.image_size, Scores()
     files = sorted({p[k] for p in pairs for k in ("src", "trg")})
     load = lambda f: np.asarray(Image.fromarray(data.pad_square(data.load_image(f))).resize((S, S), Image.BICUBIC))
@@ -1127,13 +1124,13 @@ def navi_parts(moved, matched, pb, chunk=2048):
     return {k: torch.stack([v.double(), torch.full_like(cm, len(err))], 1) for k, v in right.items()}
 
 
-def navi_suite(model, root, device, skip, opts):
+def navi_suite(model, root, device, skip, opts, listing=None):
     """[NAVI] Probe3D's correspondence protocol on the wild-set pairs (data.read_navi): each photo
     cropped to its object (navi_view), final-layer patch features, the 1,000 most distinctive
     ratio-test matches per pair (navi_matches); a match is right if the 3-D point of the first photo,
     moved into the second camera by the known poses, lies within 1, 2 or 5 cm of the matched
     point: recall over all pairs' matches, at each threshold."""
-    pairs = data.read_navi(root)
+    pairs = listing or data.read_navi(root)
     S, m = model.cfg.vision.image_size, Scores()
     photos = sorted({p["image"]: p for pair in pairs for p in pair}.values(), key=lambda p: p["image"])
     row = {p["image"]: i for i, p in enumerate(photos)}
@@ -1233,14 +1230,16 @@ def per_image_rmse(pred, D, keep):
     return torch.stack([(sse[has] / count[has]).sqrt(), torch.ones(int(has.sum()), dtype=torch.float64)], 1)
 
 
-def nyu_suite(model, root, device, skip, opts):
-    """[NYUv2] Eigen's 654 test images: linear depth heads on the last layer and on the four DPT
-    taps (Probe3D), trained by mini-batch on the 795 official training images to log depth;
-    Probe3D's 480 x 480 centre crop resized to the input, predictions upsampled to the crop,
-    scored within Eigen's crop where 0 < depth <= 10 m (deeper ignored, not clamped), RMSE per
-    image, then the mean over images. A depth head is scored zero-shot the same way, aligned per
-    image in inverse depth. Chance: the same head on the patch position alone."""
-    sets, S, m = data.read_nyu_eigen(root), model.cfg.vision.image_size, Scores()
+def nyu_suite(model, root, device, skip, opts, listing=None):
+    """[NYUv2] Eigen's 654 test images. Probes (Probe3D): linear depth heads on the last layer and
+    on the four DPT taps, trained by mini-batch on the 795 official training images to log depth;
+    Probe3D's 480 x 480 centre crop resized to the input, predictions upsampled to the crop and
+    scored on all of it (Probe3D's nyu_crop=False: no Eigen crop inside the square) where 0 < depth
+    <= 10 m (deeper ignored, not clamped), RMSE per image, then the mean over images. Chance: the
+    same head on the patch position alone. Zero-shot (a depth head), as BTS's eval_with_pngs.py and
+    Depth Anything score it: the whole 480 x 640 frame resized to the square input, the inverse
+    depth upsampled back to the frame, aligned per image, scored within Eigen's crop."""
+    sets, S, m = listing or data.read_nyu_eigen(root), model.cfg.vision.image_size, Scores()
 
     def load(pair, size=S):
         image, depth = (centre_square(a) for a in (data.load_image(pair[0]), data.read_depth_png(pair[1])))
@@ -1258,21 +1257,23 @@ def nyu_suite(model, root, device, skip, opts):
 
     kinds = ("patch", "taps", "position")
     heads = fit_dense_heads(model, len(sets["train"]), log_target, kinds, 1, l1_on_valid, device, "nyu depth heads")
-    with Image.open(sets["test"][0][1]) as im:
-        frame = centre_square(eigen_mask(im.height, im.width))  # the scored part of the centre crop
     parts = {k: [] for k in kinds + ("zero_shot",)}
     with_head = "depth" in model.tasks
     for i in tqdm(range(0, len(sets["test"]), PROBE_BATCH), desc="nyu test", leave=False):
         chunk = [load(p, size=None) for p in sets["test"][i:i + PROBE_BATCH]]
         images, D = [x for x, _ in chunk], torch.stack([d for _, d in chunk])  # (B, 480, 480) metres
-        keep = nyu_scored(D, frame)
+        keep = nyu_scored(D, True)  # the whole centre square
         feats = dense_features(model, images, device, kinds)
         for k in kinds:
             pred = head_logits(heads[k], feats[k], D.shape[1:])[:, 0].exp()
             parts[k].append(per_image_rmse(pred, D, keep))
         if with_head:
-            inv = F.interpolate(extract(model, images, ("depth",), device, None)["depth"][:, None], size=D.shape[1:],
-                                mode="bilinear", align_corners=False)[:, 0]
+            frames = sets["test"][i:i + PROBE_BATCH]
+            D = torch.stack([torch.from_numpy(data.read_depth_png(p[1])) for p in frames])  # (B, 480, 640)
+            keep = nyu_scored(D, eigen_mask(*D.shape[1:]))
+            inv = F.interpolate(extract(model, [data.load_image(p[0], S) for p in frames], ("depth",), device,
+                                        None)["depth"][:, None], size=D.shape[1:], mode="bilinear",
+                                align_corners=False)[:, 0]
             parts["zero_shot"].append(zero_shot_depth(inv, torch.where(keep, D, 0.0), NYU_CAP_IGNORE,
                                                        opts.zs_depth_space, per_image=True))
     parts = {k: torch.cat(v) for k, v in parts.items() if v}
@@ -1290,7 +1291,7 @@ KITTI_CAP = 80.0  # metres: Eigen's KITTI range (deeper ignored)
 GARG_CROP = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # rows, cols of the frame (Garg et al.)
 
 
-def kitti_suite(model, root, device, skip, opts):
+def kitti_suite(model, root, device, skip, opts, listing=None):
     """[KITTI] zero-shot relative depth on Eigen's test split with the annotated depth: each image
     resized to the square input, the depth head's inverse depth upsampled to the frame, aligned
     per image by scale and shift in disparity, scored within Garg's crop where 0 < depth <= 80 m,
@@ -1300,7 +1301,7 @@ def kitti_suite(model, root, device, skip, opts):
     if "depth" not in model.tasks:
         skip("KITTI zero-shot depth: the model has no depth head")
         return m
-    pairs, S, parts = data.read_kitti_eigen(root), model.cfg.vision.image_size, []
+    pairs, S, parts = listing or data.read_kitti_eigen(root), model.cfg.vision.image_size, []
     for image_path, depth_path in tqdm(pairs, desc="kitti", leave=False):
         D = torch.from_numpy(data.read_depth_png(depth_path, scale=256.0))[None]  # (1, H, W)
         H, W = D.shape[1:]
@@ -1320,13 +1321,13 @@ def kitti_suite(model, root, device, skip, opts):
 ADE_CLASSES = 150
 
 
-def ade_suite(model, root, device, skip, opts):
+def ade_suite(model, root, device, skip, opts, listing=None):
     """[ADE20K] DINOv2's linear protocol on the official split: a linear head on final-layer patch
     tokens trained by mini-batch AdamW on the training images (150 classes, label 0 ignored),
     logits upsampled to each validation label map's own resolution, mIoU over the 150 classes on
     the whole validation set. Images are resized to the square input (DINOv2: 512-px sliding
     windows). Chance: the same head on the patch position alone."""
-    sets, S, m = data.read_ade(root), model.cfg.vision.image_size, Scores()
+    sets, S, m = listing or data.read_ade(root), model.cfg.vision.image_size, Scores()
 
     def load(pair, size=S):
         label = torch.from_numpy(data.read_png(pair[1]).astype(np.int64)) - 1  # 0 "other" -> -1, ignored
@@ -1351,6 +1352,12 @@ def ade_suite(model, root, device, skip, opts):
 
 SUITES = {"imagenet": imagenet_suite, "coco": coco_suite, "ade": ade_suite, "nyu": nyu_suite,
           "spair": spair_suite, "navi": navi_suite, "kitti": kitti_suite}
+# Each suite's reader, run for every benchmark asked for before any work (a suite given its
+# reader's listing does not read again): a bad folder or file ends evaluate.py in one line at once,
+# not after another benchmark's heads have trained.
+READERS = {"imagenet": data.read_imagenet, "coco": data.read_coco_karpathy, "ade": data.read_ade,
+           "nyu": data.read_nyu_eigen, "spair": data.read_spair, "navi": data.read_navi,
+           "kitti": data.read_kitti_eigen}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1573,7 +1580,11 @@ def parse_args(argv):
                          ("navi", "DIR/OBJECT/wild_set/{images/*.jpg,depth/*.png,annotations.json} (NAVI v1)"),
                          ("nyu", "DIR/official_splits/{train,test}/SCENE/rgb_N.jpg + sync_depth_N.png (BTS)"),
                          ("ade", "DIR/{images,annotations}/{training,validation}/ (ADEChallengeData2016)"),
-                         ("kitti", "DIR/kitti_eigen_test_files_with_gt.txt + DIR/raw/ + DIR/data_depth_annotated/")):
+                         ("kitti", "DIR/kitti_eigen_test_files_with_gt.txt (Depth Anything, ZoeDepth) or "
+                                   "DIR/eigen_test_files_with_gt.txt (BTS), the raw drives DATE/DRIVE/ under "
+                                   "DIR/raw/, DIR/raw_data/ or DIR, the annotated depth under "
+                                   "DIR/data_depth_annotated/ or DIR/data_depth_annotated_zoedepth/ (with or "
+                                   "without KITTI's train/ and val/)")):
         p.add_argument(f"--{name}", metavar="DIR", help=f"real data laid out as {layout} (default: not run)")
     p.add_argument("--class-names", metavar="FILE",
                    help="ImageNet class names, 'FOLDER name, synonym, ...' per line as LOC_synset_mapping.txt "
@@ -1614,13 +1625,17 @@ def evaluate_checkpoint(args):
           f"{S} px · device {device}")
     real = {k: getattr(args, k) for k in SUITES if getattr(args, k)}
     scores, skipped, used = Scores(), [], []  # skipped protocols are listed with the results
+    try:
+        listings = {name: READERS[name](folder) for name, folder in real.items()}
+    except data.BenchmarkError as e:  # a folder not in its reader's layout, a file that does not decode
+        fail(str(e))
     if args.data or not real:  # the toy world unless only real benchmarks were asked for
         scenes = load_toy_shards(args.data, args.n, S) if args.data else render_toy(args.n, S)
         used.append(f"{len(scenes)} toy scenes " + (f"from {args.data}" if args.data else f"(seed {TOY_SEED})"))
         scores.rows.update(toy_suite(model, scenes, device, skipped.append).rows)
     for name, folder in real.items():
         try:
-            scores.rows.update(SUITES[name](model, folder, device, skipped.append, args).rows)
+            scores.rows.update(SUITES[name](model, folder, device, skipped.append, args, listings[name]).rows)
         except data.BenchmarkError as e:  # a folder not in the layout its reader expects
             fail(str(e))
         used.append(f"{name} {folder}")

@@ -3,6 +3,7 @@
 crop, mask, averaging) gives a different number than the right one."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -344,15 +345,16 @@ def test_nyu_per_image_rmse_is_not_pooled():
 
 
 def test_nyu_scores_eigen_crop_ignores_far_and_missing():
-    """Deeper than 10 m and missing (0) are left out, not clamped; only Eigen's crop (rows 45-470 of
-    the 480-px frame; in Probe3D's centre 480 x 480 every column) counts."""
-    frame = E.centre_square(E.eigen_mask(480, 640))
-    assert frame.shape == (480, 480) and frame[45:471].all() and not frame[:45].any() and not frame[471:].any()
-    D = torch.full((1, 480, 480), 5.0)
+    """Deeper than 10 m and missing (0) are left out, not clamped; zero-shot counts Eigen's crop of
+    the frame (rows 45-470, columns 41-600), the probes all of Probe3D's centre square."""
+    frame = E.eigen_mask(480, 640)
+    assert frame[45:471, 41:601].all() and not frame[:45].any() and not frame[471:].any() and not frame[:, :41].any()
+    D = torch.full((1, 480, 640), 5.0)
     D[0, 100, 100], D[0, 200, 200] = 12.0, 0.0
     keep = E.nyu_scored(D, frame)
     assert not keep[0, 100, 100] and not keep[0, 200, 200] and keep[0, 300, 300] and not keep[0, 10, 10]
-    assert int(keep.sum()) == 426 * 480 - 2
+    assert int(keep.sum()) == 426 * 560 - 2
+    assert int(E.nyu_scored(D[:, :, :480], True).sum()) == 480 * 480 - 2  # the probe: the whole centre square
 
 
 def test_nyu_reader_layout(tmp_path):
@@ -493,3 +495,128 @@ def test_kitti_garg_crop_and_80_m(tmp_path, monkeypatch):
     assert rows.min() >= int(0.40810811 * 38) and rows.max() < int(0.99189189 * 38)
     assert cols.min() >= int(0.03594771 * 124) and cols.max() < int(0.96405229 * 124)
     assert D.max() <= 80 and set(results["metrics"]) == {"kitti_zsdepth_absrel", "kitti_zsdepth_delta1"}
+
+
+# -- Bad files, KITTI's layouts, NAVI's equal rotations (a user's real downloads) ---------------
+
+
+def make_benchmark(name, root):
+    """A mini-dataset of one benchmark in its layout; returns (an image, a PNG label or depth map or
+    None) that the reader will read."""
+    if name == "imagenet":
+        for c in ("n01440764", "n02123045"):
+            for i in range(2):
+                noise_image(root / "val" / c / f"{i}.JPEG", hash((c, i)) % 1000, 40, 30)
+        return root / "val" / "n02123045" / "1.JPEG", None
+    if name == "coco":
+        make_coco(root)
+        return root / "val2014" / "COCO_val2014_000000000001.jpg", None
+    if name == "spair":
+        make_spair(root, [("cat", "a.jpg", "b.jpg", CENTRES, CENTRES, [0, 0, 40, 30])])
+        return root / "JPEGImages" / "cat" / "b.jpg", None
+    if name == "navi":
+        folder = make_navi(root, angles=(0, 45, 90))
+        return folder / "images" / "001.jpg", folder / "depth" / "002.png"
+    if name == "nyu":
+        make_nyu(root)
+        return (root / "official_splits" / "test" / "scene_0001" / "rgb_00001.jpg",
+                root / "official_splits" / "train" / "scene_0000" / "sync_depth_00002.png")
+    if name == "ade":
+        make_ade(root)
+        return (root / "images" / "validation" / "ADE_val_00000001.jpg",
+                root / "annotations" / "training" / "ADE_train_00000002.png")
+    make_kitti(root)
+    return (root / "raw" / "2011_09_26" / "2011_09_26_drive_0002_sync" / "image_02" / "data" / "0000000001.png",
+            root / "data_depth_annotated" / "2011_09_26_drive_0002_sync" / "proj_depth" / "groundtruth" / "image_02"
+            / "0000000002.png")
+
+
+@pytest.mark.parametrize("breakage", ["truncated image", "error page as PNG"])
+@pytest.mark.parametrize("name", ["imagenet", "coco", "spair", "navi", "nyu", "ade", "kitti"])
+def test_a_file_that_does_not_decode_ends_in_one_line_naming_it(tmp_path, capsys, monkeypatch, name, breakage):
+    """Real downloads hold truncated JPEGs and HTML error pages saved under an image's name: every
+    reader decodes its files before any work, and evaluate.py names the file in one line, exit 2,
+    before a feature is extracted (here: even before the toy suite of the same call)."""
+    image, png = make_benchmark(name, tmp_path / name)
+    bad = image if breakage == "truncated image" or png is None else png
+    if breakage == "truncated image":
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    else:
+        bad.write_bytes(b"<html><body>503 Service Unavailable</body></html>\n")
+    monkeypatch.setattr(E, "extract", lambda *a, **k: pytest.fail("features extracted before the files were checked"))
+    with pytest.raises(SystemExit) as e:
+        E.main([tiny_checkpoint(tmp_path / "c.pt"), f"--{name}", str(tmp_path / name), "--data", "x*.tar"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and str(bad) in err and "cannot be decoded" in err and "\n" not in err
+
+
+def test_nyu_zero_shot_scores_the_whole_frame_within_eigens_crop(tmp_path, monkeypatch):
+    """Depth 2 m everywhere but a band at columns 41-79 (inside Eigen's crop, outside Probe3D's
+    centre square), 4 m: a flat prediction aligned per image is exact on the centre square and
+    wrong only on the band, so the zero-shot AbsRel is > 0 only if the whole frame is scored (BTS,
+    Depth Anything); the probe still reads the centre square."""
+    make_nyu(tmp_path, n_train=2, n_test=2)
+    for f in (tmp_path / "official_splits").glob("*/*/sync_depth_*.png"):
+        mm = np.full((480, 640), 2000, np.uint16)
+        mm[:, 41:80] = 4000
+        Image.fromarray(mm).save(f)
+    real, seen = E.extract, []
+
+    def flat_depth(model, items, want, *a, **k):
+        if want == ("depth",):
+            seen.append(np.asarray(items[0]).shape)
+            return {"depth": torch.ones(len(items), 4, 4)}
+        return real(model, items, want, *a, **k)
+
+    monkeypatch.setattr(E, "extract", flat_depth)
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    results = E.main([ckpt, "--nyu", str(tmp_path), "--out", str(tmp_path / "ev")])
+    assert results["metrics"]["nyu_zsdepth_absrel"] > 0.05  # the band, 39 of Eigen's 560 columns, 50 % off
+    assert results["metrics"]["nyu_zsdepth_delta1"] < 1.0
+    assert seen and all(s[:2] == (32, 32) for s in seen)  # the whole frame, resized to the square input
+    D = torch.full((1, 480, 640), 2.0)
+    assert int(E.nyu_scored(D, E.eigen_mask(480, 640)).sum()) == 426 * 560
+
+
+def test_navi_never_pairs_photos_with_equal_rotations(tmp_path):
+    """Two photos whose rotations are equal (one quaternion a multiple of the other) come out
+    ~1e-6 degrees apart from float rounding; they are the same view, not a pair."""
+    folder = make_navi(tmp_path, angles=(0, 0))
+    q = np.array([-1.2096265493756504, -1.7330027043844558, -1.1541714262983167, 1.4207998428900637])
+    notes = json.loads((folder / "annotations.json").read_text())
+    notes[0]["camera"]["q"], notes[1]["camera"]["q"] = q.tolist(), (1.7 * q).tolist()
+    (folder / "annotations.json").write_text(json.dumps(notes))
+    R = np.stack([data.quaternion_matrix(q), data.quaternion_matrix(1.7 * q)])
+    angle = np.degrees(np.arccos(np.clip((np.einsum("ij,ij", R[0], R[1]) - 1) / 2, -1, 1)))
+    assert 0 < angle < data.NAVI_SAME_VIEW  # the rounding this guards against
+    with pytest.raises(data.BenchmarkError, match="no wild-set photo has a partner"):
+        data.read_navi(str(tmp_path), every=1)
+
+
+@pytest.mark.parametrize("layout", ["bts", "depth_anything", "kitti_train_val"])
+def test_kitti_read_in_each_reference_layout(tmp_path, layout):
+    """BTS: eigen_test_files_with_gt.txt, the drives at the root; Depth Anything: kitti_eigen_test_
+    files_with_gt.txt listing absolute paths of another machine, raw_data/ and data_depth_annotated_
+    zoedepth/, two columns; KITTI's own annotated depth with its train/ and val/ level."""
+    make_kitti(tmp_path / "ours")
+    src = tmp_path / "ours"
+    root = tmp_path / layout
+    raw, gt = {"bts": ("", "data_depth_annotated"), "depth_anything": ("raw_data", "data_depth_annotated_zoedepth"),
+               "kitti_train_val": ("raw", "data_depth_annotated/val")}[layout]
+    (root / raw).mkdir(parents=True, exist_ok=True)
+    (src / "raw" / "2011_09_26").rename(root / raw / "2011_09_26")
+    (root / gt).parent.mkdir(parents=True, exist_ok=True)
+    (src / "data_depth_annotated").rename(root / gt)
+    lines = (src / data.KITTI_LIST).read_text().splitlines()
+    if layout == "depth_anything":
+        lines = [" ".join([f"/mnt/data/Kitti/raw_data/{a}", "None" if b == "None" else
+                           f"/mnt/data/Kitti/data_depth_annotated_zoedepth/{b}"]) for a, b, _ in map(str.split, lines)]
+    name = "eigen_test_files_with_gt.txt" if layout == "bts" else data.KITTI_LIST
+    (root / name).write_text("\n".join(lines) + "\n")
+    pairs = data.read_kitti_eigen(str(root))
+    assert len(pairs) == 3 and all(os.path.isfile(p) for pair in pairs for p in pair)
+    assert pairs[1][0].endswith("2011_09_26_drive_0002_sync/image_02/data/0000000001.png")
+    assert pairs[1][1].endswith("proj_depth/groundtruth/image_02/0000000001.png")
+    os.remove(pairs[2][1])
+    with pytest.raises(data.BenchmarkError, match="1 images or depth maps of .* are missing"):
+        data.read_kitti_eigen(str(root))
