@@ -5,6 +5,7 @@ under `make test`); README stays short; every relative link in README.md and doc
 A command line this file does not know fails the test: a new command must be given a toy-sized
 form here, or a reason why it cannot run on a CPU without data."""
 
+import ast
 import math
 import re
 import subprocess
@@ -204,3 +205,33 @@ def test_chance_bold_cells_as_readme_states():
                    f"P(|t_2| > 2) = {two:.3f}", f"{40 * two:.1f} in 40", f"P(|t_4| > 2) = {t4:.3f}",
                    f"{40 * t4:.1f} in 40"):
         assert quoted in para[1], f"README's chance paragraph should say {quoted!r}"
+
+
+CODE_LINK = re.compile(r"\[`?([A-Za-z_][\w.]*)`?\]\(([\w/.]+\.py)#L(\d+)-L(\d+)\)")
+
+
+def definition_lines(path, dotted):
+    """(first, last) line of the function or class `dotted` names in path ("module.Class.method",
+    the module part optional), decorators included; None if the file defines no such name."""
+    nodes, node = ast.parse(path.read_text()).body, None
+    parts = dotted.split(".")
+    for part in parts[1:] if parts[0] == path.stem else parts:
+        node = next((n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part), None)
+        if node is None:
+            return None
+        nodes = node.body
+    return min([node.lineno] + [d.lineno for d in node.decorator_list]), node.end_lineno
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *DOCS], ids=lambda p: p.name)
+def test_code_links_name_their_definitions_lines(path):
+    """A link [module.function](module.py#La-Lb) spans exactly the lines that define that function
+    today, so a formula's link cannot drift to other code when lines move above it."""
+    bad = []
+    for m in CODE_LINK.finditer(path.read_text()):
+        name, file, first, last = m[1], m[2], int(m[3]), int(m[4])
+        span = definition_lines((path.parent / file).resolve(), name)
+        if span != (first, last):
+            bad.append(f"{path.name}: [{name}]({file}#L{first}-L{last}) should be " +
+                       (f"#L{span[0]}-L{span[1]}" if span else f"a name {file} defines"))
+    assert not bad, "\n".join(bad)
