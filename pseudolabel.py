@@ -741,7 +741,7 @@ def parse_args(argv):
                         "memory, tensor cores), fp32 on CPU; bf16 or fp32 on any device")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per expert forward pass")
     p.add_argument("--noise", type=float, default=d.noise,
-                   help="simulated experts' label noise: 0 = perfect, 1 = moderate (about a real expert's), 2 = poor")
+                   help="simulated experts' label noise: 0 = perfect, 1 = moderate, 2 = poor (the rates at 1 are guesses, not measurements of real experts)")
     p.add_argument("--score-threshold", type=float, default=d.score_threshold,
                    help="drop boxes scoring below (OWLv2's scores are probabilities; 0.1-0.3 is usual)")
     p.add_argument("--nms-iou", type=float, default=d.nms_iou,
