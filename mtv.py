@@ -537,7 +537,7 @@ class MTV(nn.Module):
         # SigLIP's learnable temperature and bias, one pair per sigmoid loss: logits start at
         # 10 * cos + bias with the bias at the prior log-odds, so the many negatives begin with a
         # small loss instead of dominating. Grounding has its own pair: its candidates are the
-        # names of the batch (about 2.5 per image, 1-2 of them positive), not its captions.
+        # names of the batch (train.NAMES_PER_IMAGE per image), not its captions.
         if "clip" in tasks:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.heads.clip_bias)))
