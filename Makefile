@@ -74,9 +74,14 @@ INIT_ROW ?= $(lastword $(ROWS))
 comma  := ,
 # The toy data's folder names the code that makes it (train.toy_code_key: the same digest of data.py
 # and pseudolabel.py), so a change to the world or the simulated experts makes it anew: a cache made
-# by other code is never reused. Runs read it through --data, so editing the code mid-ablate cannot
-# send a lane off to make other data.
+# by other code is never reused, and a run begun on other data refuses to resume on it. The key is
+# fixed once per `make ablate` (passed to the lanes' make), and runs read the data through --data.
+ifndef TOYKEY
 TOYKEY := $(shell cat data.py pseudolabel.py | sha256sum | cut -c1-12)
+endif
+ifeq ($(TOYKEY),)
+$(error cannot hash data.py and pseudolabel.py for the toy data's name: sha256sum is needed)
+endif
 TOYDATA = runs/toy-data/world2-$(CAPTIONS)-n$(TOY_N)-px$(SIZE)-$(TOYKEY)
 RUNS    = $(foreach t,$(ROWS),$(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(t))-seed$(s)))
 INITS   = $(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(INIT_ROW))-seed$(s)/eval-init/results.json)
@@ -87,7 +92,7 @@ reverse   = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstwo
 
 ablate: $(VENV)/.installed $(TOYDATA)/made-by.json
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory -j $(LANES) ablate-runs || exit 1; \
+	$(MAKE) --no-print-directory -j $(LANES) ablate-runs TOYKEY=$(TOYKEY) || exit 1; \
 	echo "ablate: $(words $(RUNS)) runs in $(LANES) lanes, $$(( ($$(date +%s) - start) / 60 )) min wall"
 	$(PY) evaluate.py --compare $(RUNS) --out $(ABLATE)
 
@@ -95,8 +100,9 @@ ablate: $(VENV)/.installed $(TOYDATA)/made-by.json
 ablate-runs: $(addsuffix /eval/results.json,$(call reverse,$(RUNS))) $(INITS)
 
 # The toy world once, by train.py itself, so that parallel lanes do not race to write it.
-$(TOYDATA)/made-by.json:
+$(TOYDATA)/made-by.json: $(VENV)/.installed
 	$(PY) train.py --prepare-data --model $(MODEL) --image-size $(SIZE) --toy-n $(TOY_N) --captions $(CAPTIONS)
+	@test -f $@ || { echo "train.py made the toy data elsewhere than $(TOYDATA)"; exit 1; }
 
 # toy-data-path: where this checkout's toy data lives (a test compares it with train.py's)
 toy-data-path:

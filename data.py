@@ -1113,7 +1113,8 @@ def need_files(paths, flag, what):
 
 
 def need_decodable(paths, flag):
-    """Decode every image a benchmark will read before any work: real downloads hold truncated
+    """Decode every image a benchmark reads before any work (NAVI: every wild-set photo, of which
+    the pairs use some): real downloads hold truncated
     JPEGs and error pages saved under an image's name, which would otherwise end evaluate.py in a
     traceback, perhaps after its heads trained for many minutes. JPEGs decode at 1/8 scale (draft
     mode), which still reads every byte, so the check costs a fraction of the evaluation."""
@@ -1124,7 +1125,7 @@ def need_decodable(paths, flag):
             with Image.open(p) as im:
                 im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
                 im.load()
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable and truncated files
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:  # PIL's errors
             raise BenchmarkError(f"{flag}: {p} cannot be decoded ({type(e).__name__}: {e})") from None
 
 
@@ -1260,7 +1261,7 @@ KITTI_LIST = KITTI_LISTS[0]
 KITTI_RAW = ("raw", "raw_data", "")
 KITTI_GT = tuple(os.path.join(a, b) for a in ("data_depth_annotated", "data_depth_annotated_zoedepth")
                  for b in ("", "train", "val"))
-KITTI_IMAGE = re.compile(r"(?:^|/)(\d{4}_\d{2}_\d{2}/.+)$")  # from the date folder: DATE/DRIVE/image_02/data/N.png
+KITTI_IMAGE = re.compile(r"(?:^|/)(\d{4}_\d{2}_\d{2}/\d{4}_\d{2}_\d{2}_drive_\d{4}_sync/.+)$")  # DATE/DRIVE/image_02/data/N.png
 KITTI_DEPTH = re.compile(r"(?:^|/)(\d{4}_\d{2}_\d{2}_drive_\d{4}_sync/.+)$")  # DRIVE/proj_depth/groundtruth/...
 
 
@@ -1271,7 +1272,7 @@ def kitti_file(root, field, pattern, folders):
     return next((p for f in folders if os.path.isfile(p := os.path.join(root, f, rel))), None)
 
 
-def read_kitti_eigen(root, listing=None):
+def read_kitti_eigen(root, list_file=None):
     """KITTI's Eigen test split with the annotated depth: the list ("IMAGE GT [FOCAL]" per line, GT
     "None" where the annotated depth lacks the frame: 652 of 697 lines have one) is ROOT/
     kitti_eigen_test_files_with_gt.txt (ZoeDepth, Depth Anything) or ROOT/eigen_test_files_with_gt.txt
@@ -1280,9 +1281,9 @@ def read_kitti_eigen(root, listing=None):
     metres x 256, 0 = none) under ROOT/data_depth_annotated/ or ROOT/data_depth_annotated_zoedepth/,
     with or without KITTI's train/ and val/ level. Returns [(image, depth), ...]."""
     flag = "--kitti"
-    path = listing or next((p for name in KITTI_LISTS if os.path.isfile(p := os.path.join(root, name))), None)
+    path = list_file or next((p for name in KITTI_LISTS if os.path.isfile(p := os.path.join(root, name))), None)
     if path is None or not os.path.isfile(path):
-        raise BenchmarkError(f"{flag} {root}: no {' or '.join(KITTI_LISTS)} (the Eigen test list of "
+        raise BenchmarkError(f"{flag} {root}: no {list_file or ' or '.join(KITTI_LISTS)} (the Eigen test list of "
                              "Depth Anything / BTS)")
     pairs, missing = [], []
     with open(path) as f:

@@ -1216,7 +1216,8 @@ def eigen_mask(h, w):
 
 def nyu_scored(D, frame):
     """Which pixels of depth maps D (n, H, W) in metres count: measured (> 0), at most 10 m (deeper
-    is left out, as the references do, not clamped to 10) and inside frame (Eigen's crop)."""
+    is left out, as the references do, not clamped to 10) and inside frame (zero-shot: Eigen's crop
+    of the whole frame; the probes: True, all of Probe3D's centre square)."""
     return (D > 0) & (D <= NYU_CAP_IGNORE) & frame
 
 
@@ -1354,7 +1355,8 @@ SUITES = {"imagenet": imagenet_suite, "coco": coco_suite, "ade": ade_suite, "nyu
           "spair": spair_suite, "navi": navi_suite, "kitti": kitti_suite}
 # Each suite's reader, run for every benchmark asked for before any work (a suite given its
 # reader's listing does not read again): a bad folder or file ends evaluate.py in one line at once,
-# not after another benchmark's heads have trained.
+# not after another benchmark's heads have trained. A benchmark the model will skip (--kitti
+# without a depth head, --coco without a text tower) is read and checked too: it was asked for.
 READERS = {"imagenet": data.read_imagenet, "coco": data.read_coco_karpathy, "ade": data.read_ade,
            "nyu": data.read_nyu_eigen, "spair": data.read_spair, "navi": data.read_navi,
            "kitti": data.read_kitti_eigen}
@@ -1548,7 +1550,7 @@ def compare(run_dirs, out):
                             for (label, results), (_, st) in zip(rows, stats)]}, f, indent=1)
     drew = radar(stats, names, refs, os.path.join(out, "radar.png"))
     print("\n".join(lines))
-    print(f"wrote {os.path.join(out, 'compare.md')}" + (f" and {os.path.join(out, 'radar.png')}" if drew else ""))
+    print(f"wrote {os.path.join(out, 'compare.md')}, compare.json" + (" and radar.png" if drew else ""))
     return {label: {k: (s["mean"], s["spread"]) for k, s in st.items()} for label, st in stats}
 
 

@@ -688,6 +688,8 @@ def setup(cfg):
         train_glob, val_glob = toy_data(cfg, size, rank)
         if cfg.prepare_data:
             print0(f"toy data: {os.path.dirname(os.path.dirname(train_glob))}")
+            if dist.is_initialized():
+                dist.destroy_process_group()
             return None
         train_shards = check_shards(train_glob, tasks, "--data")
         val_pattern = cfg.val_data or val_glob
@@ -716,7 +718,7 @@ def setup(cfg):
     objectives = Objectives(model, tasks, cfg, weights).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    step = resume(cfg, resume_path, model, teacher, objectives, optimizer)
+    step = resume(cfg, resume_path, model, teacher, objectives, optimizer, train_shards)
     if rank == 0:
         trim_log(metrics_path, step)
 
@@ -754,8 +756,9 @@ def model_config(cfg, world):
     return model_cfg
 
 
-def resume(cfg, path, model, teacher, objectives, optimizer):
-    """--resume: load everything a checkpoint holds, in place; returns the step to continue from (0 without one)."""
+def resume(cfg, path, model, teacher, objectives, optimizer, shards):
+    """--resume: load everything a checkpoint holds, in place; returns the step to continue from (0 without one).
+    A checkpoint trained on other shards (say toy data made anew by changed code) is refused."""
     if not (cfg.resume and os.path.exists(path)):
         if cfg.resume == "latest":
             print0(f"--resume latest: no checkpoint in {cfg.out} yet, starting "
@@ -765,6 +768,9 @@ def resume(cfg, path, model, teacher, objectives, optimizer):
     if ck.get("model_config") != model.config_dict():
         fail(f"--resume: {path} was trained with another model or tasks "
              f"({ck.get('model_config', {}).get('tasks')}); use a fresh --out")
+    if (before := ck.get("data", {}).get("shards")) is not None and before != shards:
+        fail(f"--resume: {path} was trained on other data ({os.path.dirname(before[0]) if before else 'none'}); "
+             "use a fresh --out")
     model.load_state_dict(ck["model"])
     if teacher is not None:
         teacher.load_state_dict(ck["teacher"])

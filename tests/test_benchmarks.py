@@ -554,12 +554,17 @@ def test_nyu_zero_shot_scores_the_whole_frame_within_eigens_crop(tmp_path, monke
     """Depth 2 m everywhere but a band at columns 41-79 (inside Eigen's crop, outside Probe3D's
     centre square), 4 m: a flat prediction aligned per image is exact on the centre square and
     wrong only on the band, so the zero-shot AbsRel is > 0 only if the whole frame is scored (BTS,
-    Depth Anything); the probe still reads the centre square."""
+    Depth Anything); 8 m in the rows above Eigen's crop changes nothing, since they are not scored."""
     make_nyu(tmp_path, n_train=2, n_test=2)
-    for f in (tmp_path / "official_splits").glob("*/*/sync_depth_*.png"):
-        mm = np.full((480, 640), 2000, np.uint16)
-        mm[:, 41:80] = 4000
-        Image.fromarray(mm).save(f)
+
+    def depth_maps(top):
+        for f in (tmp_path / "official_splits").glob("*/*/sync_depth_*.png"):
+            mm = np.full((480, 640), 2000, np.uint16)
+            mm[:, 41:80] = 4000
+            mm[:45] = top  # rows above Eigen's crop
+            Image.fromarray(mm).save(f)
+
+    depth_maps(2000)
     real, seen = E.extract, []
 
     def flat_depth(model, items, want, *a, **k):
@@ -574,8 +579,9 @@ def test_nyu_zero_shot_scores_the_whole_frame_within_eigens_crop(tmp_path, monke
     assert results["metrics"]["nyu_zsdepth_absrel"] > 0.05  # the band, 39 of Eigen's 560 columns, 50 % off
     assert results["metrics"]["nyu_zsdepth_delta1"] < 1.0
     assert seen and all(s[:2] == (32, 32) for s in seen)  # the whole frame, resized to the square input
-    D = torch.full((1, 480, 640), 2.0)
-    assert int(E.nyu_scored(D, E.eigen_mask(480, 640)).sum()) == 426 * 560
+    depth_maps(8000)  # 8 m above Eigen's crop: outside what is scored, so the same AbsRel
+    again = E.main([ckpt, "--nyu", str(tmp_path), "--out", str(tmp_path / "ev2")])
+    assert again["metrics"]["nyu_zsdepth_absrel"] == pytest.approx(results["metrics"]["nyu_zsdepth_absrel"])
 
 
 def test_navi_never_pairs_photos_with_equal_rotations(tmp_path):

@@ -211,3 +211,20 @@ def test_loss_curves_of_several_runs_overlay(tmp_path, monkeypatch):
     train.plot_losses([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tmp_path / "c.png", labels=["fp32", "bf16"])
     panels = {ax.get_title(): [line.get_label() for line in ax.get_lines()] for ax in saved[0].axes}
     assert panels["loss"] == ["fp32 train", "bf16 train"] and panels["dino"] == ["fp32 train"]
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_data(shards, tmp_path, capsys):
+    """--resume latest on other shards (say toy data made anew by changed code under a new name)
+    stops in one line instead of mixing two datasets in one run."""
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in sorted(Path(shards["train"]).parent.glob("train-*.tar")):
+        (other / f.name).write_bytes(f.read_bytes())
+    args = ["--tasks", "clip", "--model", "micro", "--steps", "2", "--ckpt-every", "1", *FAST,
+            "--out", str(tmp_path / "run"), "--resume", "latest"]
+    train.main(["--data", shards["train"], *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(other / "train-*.tar"), *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "trained on other data" in err and len(err.splitlines()) == 1
