@@ -63,6 +63,8 @@ BATCH  ?= 32
 NLOCAL ?= 2
 TOY_N  ?= 8000
 CAPTIONS ?= web
+# toy, or shapes: the shape-only world, the positive control of self-distillation (data.py --world)
+WORLD  ?= toy
 PRECISION ?= auto
 # How SSL joins CLIP, chosen by README Results' joining sweep: DINO's teacher temperature held at
 # 0.04 (the SSL sweep), SILC's fixed teacher momentum, SLIP's unjittered caption view.
@@ -82,7 +84,7 @@ endif
 ifeq ($(TOYKEY),)
 $(error cannot hash data.py and pseudolabel.py for the toy data's name: sha256sum is needed)
 endif
-TOYDATA = runs/toy-data/world2-$(CAPTIONS)-n$(TOY_N)-px$(SIZE)-$(TOYKEY)
+TOYDATA = runs/toy-data/$(if $(filter shapes,$(WORLD)),shapes1,world2)-$(CAPTIONS)-n$(TOY_N)-px$(SIZE)-$(TOYKEY)
 RUNS    = $(foreach t,$(ROWS),$(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(t))-seed$(s)))
 INITS   = $(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(INIT_ROW))-seed$(s)/eval-init/results.json)
 ONE     = OMP_NUM_THREADS=1 $(PY)
@@ -101,7 +103,7 @@ ablate-runs: $(addsuffix /eval/results.json,$(call reverse,$(RUNS))) $(INITS)
 
 # The toy world once, by train.py itself, so that parallel lanes do not race to write it.
 $(TOYDATA)/made-by.json: $(VENV)/.installed
-	$(PY) train.py --prepare-data --model $(MODEL) --image-size $(SIZE) --toy-n $(TOY_N) --captions $(CAPTIONS)
+	$(PY) train.py --prepare-data --model $(MODEL) --image-size $(SIZE) --toy-n $(TOY_N) --captions $(CAPTIONS) --world $(WORLD)
 	@test -f $@ || { echo "train.py made the toy data elsewhere than $(TOYDATA)"; exit 1; }
 
 # toy-data-path: where this checkout's toy data lives (a test compares it with train.py's)

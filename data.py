@@ -69,6 +69,15 @@ WORLD = "world2"
 FOV = math.radians(50.0)                           # square images: same field of view both ways
 FOCAL = 0.5 / math.tan(FOV / 2)                    # focal length in units of the image width
 MAX_HIDDEN = 0.35                                  # most of a farther object's disc a nearer one may hide
+# The shape-only world (render_scene(world="shapes")): a positive control for self-distillation.
+# One object in one colour before a fixed floor, wall, light and camera: scenes differ by the
+# object's shape, size, place and turn only, so nothing shared by all views (colour, background)
+# can crowd shape out of the features (feature suppression, Chen, Luo & Li 2021).
+SHAPES_WORLD = "shapes1"
+WORLDS = {"toy": WORLD, "shapes": SHAPES_WORLD}  # --world -> the readable part of the cache name
+SHAPES_CAMERA = {"height": 1.7, "pitch": math.radians(17), "roll": 0.0, "fov": FOV, "wall": 9.0, "wall_height": 4.0}
+SHAPES_ROOM = {"floor": "grey tiled", "wall_tone": 0, "cell": 0.75, "angle": 0.3, "shift": np.array([0.5, 0.5])}
+SHAPES_COLOR = "white"
 HORIZON, ZENITH = np.array([0.80, 0.86, 0.92], np.float32), np.array([0.35, 0.55, 0.85], np.float32)
 
 
@@ -222,9 +231,9 @@ def _lens(r1, r2, d):
         (-d + r1 + r2) * (d + r1 - r2) * (d - r1 + r2) * (d + r1 + r2))
 
 
-def sample_layout(rng, cam):
-    """1-3 objects with distinct names in front of the wall, all inside the frame, none hidden
-    behind the others.
+def sample_layout(rng, cam, n_objects=None, color=None):
+    """1-4 objects (n_objects if given; all of one colour if given) with distinct names in front
+    of the wall, all inside the frame, none hidden behind the others.
 
     Placement is checked on the projected bounding discs, not on pixels, so a (seed, index) gives
     the same scene at every resolution. A candidate that collides in 3-D, leaves the frame or would
@@ -232,10 +241,10 @@ def sample_layout(rng, cam):
     Distinct names keep every entity name, and every relation in the caption, unambiguous.
     """
     objs, discs = [], []                                       # discs: (x, y, radius, depth), 0..1 units
-    for _ in range(rng.integers(1, 5)):
+    for _ in range(n_objects or rng.integers(1, 5)):
         for _ in range(100 if objs else 300):                  # every scene has an object
             u = rng.random(6).tolist()                         # one call: each rng call costs ~us
-            ob = make_object(SHAPES[int(4 * u[0])], COLORS[int(8 * u[1])], SIZES[int(2 * u[2])],
+            ob = make_object(SHAPES[int(4 * u[0])], color or COLORS[int(8 * u[1])], SIZES[int(2 * u[2])],
                              0.0, 0.0, math.pi / 2 * u[4])
             # Aim at a random point of the image and stand the object where that ray meets the
             # height of its centre: objects land in view whatever the camera's height and pitch.
@@ -461,8 +470,9 @@ def describe(objs, discs, seg, unoccluded):
     return objects
 
 
-def render_scene(seed, index, size=64, captions="web"):
-    """Render scene `index` of the toy world with seed `seed` at size x size pixels.
+def render_scene(seed, index, size=64, captions="web", world="toy"):
+    """Render scene `index` of the toy world with seed `seed` at size x size pixels (world="shapes":
+    the shape-only world, one white object before a fixed room, light and camera).
 
     Returns {"image": uint8 (S, S, 3), "depth": float32 (S, S) metric camera z, sky = inf,
     "seg": uint8 (S, S) 0 = sky, 1 = the room (floor or wall), 2 + i = object i, "objects":
@@ -471,13 +481,20 @@ def render_scene(seed, index, size=64, captions="web"):
     "camera"}. `captions` is "web" (alt-text that leaves things out) or "full" (names everything);
     the caption has its own random stream, so both styles describe the very same image.
     """
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; valid worlds are {', '.join(WORLDS)}")
     rng = np.random.default_rng([seed, index])
-    cam = sample_camera(rng)
-    light = np.array([rng.uniform(-1, 1), rng.uniform(1.2, 2.2), rng.uniform(-1, 0.3)], np.float32)
+    if world == "shapes":
+        cam, room = dict(SHAPES_CAMERA), SHAPES_CAMERA | SHAPES_ROOM
+        light = np.array([0.4, 1.7, -0.6], np.float32)
+        objs, discs = sample_layout(rng, cam, n_objects=1, color=SHAPES_COLOR)
+    else:
+        cam = sample_camera(rng)
+        light = np.array([rng.uniform(-1, 1), rng.uniform(1.2, 2.2), rng.uniform(-1, 0.3)], np.float32)
+        room = cam | {"floor": list(FLOORS)[rng.integers(len(FLOORS))], "wall_tone": int(rng.integers(len(WALLS))),
+                      "cell": rng.uniform(0.5, 1.0), "angle": rng.uniform(0, math.pi / 2), "shift": rng.uniform(0, 2, 2)}
+        objs, discs = sample_layout(rng, cam)
     light /= np.linalg.norm(light)
-    room = cam | {"floor": list(FLOORS)[rng.integers(len(FLOORS))], "wall_tone": int(rng.integers(len(WALLS))),
-                  "cell": rng.uniform(0.5, 1.0), "angle": rng.uniform(0, math.pi / 2), "shift": rng.uniform(0, 2, 2)}
-    objs, discs = sample_layout(rng, cam)
     caption = CAPTIONS[captions](np.random.default_rng([seed, index, 1]), objs, discs, room["floor"])
     depth, kind, d, unoccluded = trace(objs, discs, cam, size)
     image = shade(objs, room, light, depth, kind, d, size)
@@ -813,7 +830,12 @@ class AugConfig:
     hue: float = 0.1
     grayscale: float = 0.2
     min_visible: float = 0.3                # a box survives a crop if this much of its area does
-    mask_ratio: tuple = (0.1, 0.5)          # iBOT: fraction of the last global view's patches masked
+    mask_ratio: tuple = (0.1, 0.5)          # iBOT: fraction of a masked view's patches masked
+    mask_min_block: int = 4                 # smallest block of the iBOT mask, in patches (BEiT, iBOT: 4)
+    # The share of images whose view is masked (iBOT: 0.5, DINOv2's mask_sample_probability 0.5) and
+    # which ssl views are masked: "last" (one view) or "both" (iBOT masks both global views).
+    mask_prob: float = 1.0
+    mask_views: str = "last"
     # With clip and ssl: "shared" = DINO's two global views are the caption view and one more (the
     # caption view is scored by SigLIP and self-distilled); "separate" = two more global views for
     # ssl alone and the caption view for clip, depth and ground only (SigLIP 2's split).
@@ -906,11 +928,14 @@ def _photometric(image, rng, jitter, hue=0.0, grayscale=0.0):
     return (x - 0.5) / 0.5
 
 
-def block_mask(rng, grid, ratio):
+def block_mask(rng, grid, ratio, min_block=4):
     """iBOT's block-wise mask (from BEiT) on a grid x grid patch grid: (grid * grid,) bool.
 
-    Random rectangles of patches (area >= 4 where possible, aspect 0.3..3.3) are added, each
-    only if it does not overshoot, until the drawn fraction of the patches is masked.
+    Random rectangles of patches (area >= min_block where possible, aspect 0.3..3.3) are added,
+    each only if it does not overshoot, until the drawn fraction of the patches is masked. BEiT's
+    and iBOT's smallest block is 4 patches of a 14 x 14 grid (2 %); on the toy's 4 x 4 grid 4
+    patches are a quarter of the image, as large as a whole object: min_block=1 lets the mask
+    hide part of an object (data.AugConfig.mask_min_block).
     """
     target = round(rng.uniform(*ratio) * grid * grid)
     mask = np.zeros((grid, grid), bool)
@@ -918,7 +943,7 @@ def block_mask(rng, grid, ratio):
         left = target - int(mask.sum())
         if left <= 0:
             break
-        area = rng.uniform(min(4, left), left)
+        area = rng.uniform(min(min_block, left), left)
         aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
         h = min(grid, max(1, round(math.sqrt(area * aspect))))
         w = min(grid, max(1, round(math.sqrt(area / aspect))))
@@ -981,7 +1006,14 @@ def make_views(sample, rng, aug, tasks):
         if aug.n_local:
             out["local"] = torch.stack([view(aug.local_scale, aug.local_size, ssl_only=True)[0]
                                         for _ in range(aug.n_local)])               # (n_local, 3, s, s)
-        out["ibot_mask"] = block_mask(rng, aug.size // aug.patch_size, aug.mask_ratio)  # (N,)
+        def mask():  # an unmasked view (with probability 1 - mask_prob) has no iBOT target
+            grid = aug.size // aug.patch_size
+            if aug.mask_prob < 1 and rng.random() >= aug.mask_prob:
+                return torch.zeros(grid * grid, dtype=torch.bool)
+            return block_mask(rng, grid, aug.mask_ratio, aug.mask_min_block)
+        out["ibot_mask"] = mask()                              # (N,) the last ssl view's
+        if aug.mask_views == "both":
+            out["ibot_mask_first"] = mask()                    # (N,) the first ssl view's
     else:
         out["global"] = first[None]                            # (1, 3, S, S)
     return out
@@ -1017,7 +1049,7 @@ def collate(samples, tokenize):
         if key in samples[0]:
             views = torch.stack([s[key] for s in samples], 1)  # (G, B, 3, S, S)
             batch[key] = views.flatten(0, 1)                   # (G * B, 3, S, S)
-    for key in ("ibot_mask", "depth", "depth_valid"):
+    for key in ("ibot_mask", "ibot_mask_first", "depth", "depth_valid"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])
     batch["text"] = tokenize([s["caption"] for s in samples])  # (B, T)
@@ -1383,7 +1415,7 @@ def read_navi(root, max_angle=NAVI_MAX_ANGLE, every=NAVI_EVERY, seed=NAVI_SEED):
 # -----------------------------------------------------------------------------
 # Command line: write toy-world shards, or preview a shard
 
-def generate(out, n, val_n=0, size=64, seed=0, shard_size=1000, captions="web"):
+def generate(out, n, val_n=0, size=64, seed=0, shard_size=1000, captions="web", world="toy"):
     """Render n train and val_n validation scenes into DIR/{train,val}-NNNNNN.tar; returns paths."""
     from tqdm import tqdm
     os.makedirs(out, exist_ok=True)
@@ -1393,7 +1425,7 @@ def generate(out, n, val_n=0, size=64, seed=0, shard_size=1000, captions="web"):
             for shard, start in enumerate(range(0, count, shard_size)):
                 def samples(start=start, offset=offset, count=count):
                     for i in range(start + offset, min(start + shard_size, count) + offset):
-                        yield f"{i - offset:09d}", scene_members(render_scene(seed, i, size, captions), seed, i)
+                        yield f"{i - offset:09d}", scene_members(render_scene(seed, i, size, captions, world), seed, i)
                         bar.update()
                 paths.append(os.path.join(out, f"{split}-{shard:06d}.tar"))
                 write_shard(paths[-1], samples())
@@ -1486,6 +1518,9 @@ def main(argv=None):
     p.add_argument("--captions", choices=tuple(CAPTIONS), default="web",
                    help="web: alt-text that mentions some objects, often without or with wrong attributes; "
                         "full: every object's colour and shape (an ablation: text that says everything)")
+    p.add_argument("--world", choices=tuple(WORLDS), default="toy",
+                   help="toy: the toy world; shapes: one white object before a fixed room, light and camera "
+                        "(scenes differ by shape, size, place and turn only: a positive control for ssl)")
     p.add_argument("--preview", metavar="SHARD", help="draw the first 8 samples of this shard ...")
     p.add_argument("--png", help="... into this PNG file")
     args = p.parse_args(argv)
@@ -1503,7 +1538,7 @@ def main(argv=None):
                              ("--shard-size", args.shard_size, 1)):
         if value < low:
             _die(f"{flag} must be at least {low}, not {value}")
-    paths = generate(args.out, args.n, args.val_n, args.size, args.seed, args.shard_size, args.captions)
+    paths = generate(args.out, args.n, args.val_n, args.size, args.seed, args.shard_size, args.captions, args.world)
     for split, count in (("train", args.n), ("val", args.val_n)):
         mine = [q for q in paths if os.path.basename(q).startswith(split)]
         if mine:

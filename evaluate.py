@@ -73,6 +73,7 @@ std (bold where it exceeds 2).
 """
 
 import argparse
+import copy
 import glob
 import json
 import math
@@ -126,7 +127,7 @@ KEY_METRICS = (  # Figure 1's columns, in its order, then the rest of ours
     "depth_probe_obj_rmse", "depth_probe_ml_rmse", "depth_probe_ml_obj_rmse", "nyu_probe_rmse", "nyu_probe_ml_rmse",
     "zsdepth_absrel", "kitti_zsdepth_absrel",
     "ground_acc", "lin_shape_acc", "lin_count_acc", "obj_shape_acc", "obj_color_acc", "obj_shape_ml_acc",
-    "obj_color_ml_acc")
+    "obj_color_ml_acc", "obj_shape_knn_acc", "obj_shape_ml_knn_acc")
 
 
 def fail(msg):
@@ -410,10 +411,13 @@ def delta1_of(t):
 # Models and frozen features
 
 
-def load_checkpoint(path, init=False):
+def load_checkpoint(path, init=False, tower="student"):
     """(model, seed): a train.py checkpoint, or a SigLIP-format directory (config.json + weights),
     converted with only the vision-language task: it has no trained depth or grounding head. With
-    init, the checkpoint's model as train.py built it before its first step (same config, seed)."""
+    init, the checkpoint's model as train.py built it before its first step (same config, seed).
+    With tower="teacher" and a checkpoint that holds an ssl teacher, model.probe_vision is the
+    teacher's image tower: extract() reads the image-only features from it, as DINO, iBOT and
+    DINOv2 evaluate their EMA teacher (at init the teacher is the student: nothing to load)."""
     if os.path.isdir(path):
         if os.path.isfile(run_ckpt := os.path.join(path, "checkpoint.pt")):
             fail(f"{path} is a train.py run folder; give its checkpoint: {run_ckpt}")
@@ -441,7 +445,29 @@ def load_checkpoint(path, init=False):
             fail(f"--init: {path} started from the weights of {start} (--init-from), not from its seed; "
                  "evaluate that checkpoint for the model it started from")
         model = mtv.MTV.initialised(model.cfg, model.tasks, seed)
+    elif tower == "teacher" and ckpt.get("teacher") is not None:
+        teacher = copy.deepcopy(model.vision)
+        teacher.load_state_dict({k[len("vision."):]: v for k, v in ckpt["teacher"].items() if k.startswith("vision.")})
+        model.probe_vision = teacher
     return model, seed
+
+
+def trained_on(path):
+    """The toy world a train.py checkpoint was trained on ("toy" for anything else)."""
+    if not os.path.isfile(path):
+        return "toy"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return (ckpt.get("train_config") or {}).get("world", "toy")
+
+
+def eval_folder(init, tower):
+    """Where a run's results land by default: eval/, eval-teacher/ (--tower teacher), eval-init/."""
+    return "eval-init" if init else "eval-teacher" if tower == "teacher" else "eval"
+
+
+def tower_of(model):
+    """Which image tower the image-only probes read: "teacher" or "student"."""
+    return "teacher" if getattr(model, "probe_vision", None) is not None else "student"
 
 
 def to_input(images, device):
@@ -458,20 +484,27 @@ def extract(model, items, want, device, desc, load=None):
     MTV.depth_taps; any model, with a depth head or without), "img" (n, D) normalised image
     embedding, "depth" (n, H, W) the depth head's relative inverse depth."""
     out = {k: [] for k in want}
-    pool = bool({"pooled", "img"} & set(want))
-    # the DPT head reads the same four blocks as "taps": one pass of the tower serves both
-    taps = mtv.dpt_layers(model.cfg.vision) if {"taps", "depth"} & set(want) else ()
+    # With a teacher tower (load_checkpoint's tower="teacher") the image-only features come from it;
+    # "img" and "depth" stay the student's: its text tower and depth head were trained with it.
+    probe = getattr(model, "probe_vision", None)
+    passes = [(model.vision, [k for k in want if probe is None or k in ("img", "depth")])]
+    passes += [(probe, [k for k in want if k not in ("img", "depth")])] if probe is not None else []
     grid = lambda t, x: rearrange(t, "b (h w) d -> b h w d", h=x.shape[-2] // model.cfg.vision.patch_size)
     for i in tqdm(range(0, len(items), BATCH), desc=desc, leave=False, disable=desc is None):
         x = to_input([load(it) if load else it for it in items[i:i + BATCH]], device)
-        with mtv.autocast(device, PRECISION):
-            vis = model.vision(x, layers=taps, pool=pool)
-            tapped = model.depth_taps(vis["layers"])
-            got = {"patch": lambda: grid(vis["patch"], x), "taps": lambda: grid(torch.cat(tapped, -1), x),
-                   "pooled": lambda: vis["pooled"], "img": lambda: F.normalize(vis["pooled"], dim=-1),  # = encode_image
-                   "depth": lambda: model.depth_head(tapped, model._grid(x), x.shape[-2:])}  # = predict_depth
-            for k in want:
-                out[k].append(got[k]().float().cpu())
+        for tower, keys in passes:
+            if not keys:
+                continue
+            # the DPT head reads the same four blocks as "taps": one pass of the tower serves both
+            taps = mtv.dpt_layers(model.cfg.vision) if {"taps", "depth"} & set(keys) else ()
+            with mtv.autocast(device, PRECISION):
+                vis = tower(x, layers=taps, pool=bool({"pooled", "img"} & set(keys)))
+                tapped = [tower.norm(t) for t in vis["layers"]]  # = MTV.depth_taps, by this tower's norm
+                got = {"patch": lambda: grid(vis["patch"], x), "taps": lambda: grid(torch.cat(tapped, -1), x),
+                       "pooled": lambda: vis["pooled"], "img": lambda: F.normalize(vis["pooled"], dim=-1),  # = encode_image
+                       "depth": lambda: model.depth_head(tapped, model._grid(x), x.shape[-2:])}  # = predict_depth
+                for k in keys:
+                    out[k].append(got[k]().float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -653,9 +686,11 @@ def toy_names():
 # The toy-world suite
 
 
-def render_toy(n, size):
-    """The default val set: n scenes of a stream no training run draws from, at the model's size."""
-    return [data.render_scene(TOY_SEED, i, size) for i in tqdm(range(n), desc="render toy scenes", leave=False)]
+def render_toy(n, size, world="toy"):
+    """The default val set: n scenes of a stream no training run draws from, at the model's size, of
+    the world the model was trained on (data.WORLDS)."""
+    return [data.render_scene(TOY_SEED, i, size, world=world)
+            for i in tqdm(range(n), desc="render toy scenes", leave=False)]
 
 
 def load_toy_shards(pattern, n, size):
@@ -803,7 +838,10 @@ def object_tokens(P, seg):
 def toy_object_probes(m, layers, scenes):
     """[<-> linear probing] each object's shape and colour by logistic regression on its own
     tokens (object_tokens), from each feature set of layers {infix: (n, h, w, W)}: whether the
-    patch tokens say what is where, which the pooled embedding's probes (lin_*) cannot tell.
+    patch tokens say what is where, which the pooled embedding's probes (lin_*) cannot tell. The
+    shape is also read by DINO's weighted k-NN (obj_shape_*knn_acc), which needs no linear
+    boundary: a linear probe of the untrained model already reads shape near the world's own
+    linear read-out of the true silhouette (tests/test_world.py).
     Trained on the objects of the probe-training scenes; scored per test scene (its objects share
     a camera and a light, so the scene is the item the bootstrap resamples)."""
     tr, seg = probe_split(len(scenes)), stacked(scenes, "seg")
@@ -813,9 +851,11 @@ def toy_object_probes(m, layers, scenes):
         train, test = img < tr, img >= tr
         for attr, values in (("shape", data.SHAPES), ("color", data.COLORS)):
             y = torch.tensor([values.index(o[attr]) for o in objects])
-            right = hits(linear_probe(X[train], y[train], X[test], len(values)) == y[test])  # per object
-            per_scene = torch.zeros(len(scenes) - tr, 2, dtype=torch.float64).index_add_(0, img[test] - tr, right)
-            m.add(f"obj_{attr}_{infix}acc", per_scene, chance=majority_chance(y[train], y[test]), ceiling=1.0)
+            probes = {"": linear_probe} | ({"knn_": knn_probe} if attr == "shape" else {})
+            for kind, probe in probes.items():
+                right = hits(probe(X[train], y[train], X[test], len(values)) == y[test])  # per object
+                per_scene = torch.zeros(len(scenes) - tr, 2, dtype=torch.float64).index_add_(0, img[test] - tr, right)
+                m.add(f"obj_{attr}_{infix}{kind}acc", per_scene, chance=majority_chance(y[train], y[test]), ceiling=1.0)
 
 
 def with_position(P, tr):
@@ -1457,7 +1497,8 @@ def row_stats(results, names):
         std = float(np.std(v, ddof=1)) if len(v) > 1 else None
         se = float(np.mean(se)) if se else None
         out[k] = {"mean": float(np.mean(v)), "std": std, "se": se, "spread": std if std is not None else se,
-                  "seeds": len(v), "values": [float(x) for x in v]}
+                  "seeds": len(v), "values": [float(x) for x in v],
+                  "by_seed": {str(r["seed"]): float(r["metrics"][k]) for r in runs}}
     return out
 
 
@@ -1470,6 +1511,19 @@ def difference(a, b):
     return delta, (delta / pooled if pooled > 0 else None)
 
 
+def paired(a, b):
+    """Row a against row b on the seeds both have (each seed's runs score the same test scenes):
+    (mean, sample std, n) of the per-seed differences a - b, or None below 2 shared seeds. The
+    paired rule: a difference is called when |mean| > 2 std of the differences, the 2-sigma rule
+    on the differences themselves, so that what a seed shares across rows (its init, its data
+    order, the scenes it finds hard) cancels instead of widening both rows' spread."""
+    seeds = sorted(set(a["by_seed"]) & set(b["by_seed"]))
+    if len(seeds) < 2:
+        return None
+    d = np.array([a["by_seed"][s] - b["by_seed"][s] for s in seeds])
+    return float(d.mean()), float(d.std(ddof=1)), len(seeds)
+
+
 def run_group(run_dir, tasks):
     """The row a run belongs to: its tasks, and where its folder is named NAME-seedN (as make ablate
     and sweeps name them), NAME, so that runs of one task set under different recipes are rows of
@@ -1480,17 +1534,19 @@ def run_group(run_dir, tasks):
     return tasks, stem.group(1) if stem else "+".join(tasks)  # a run without -seedN: a row of its tasks
 
 
-def compare(run_dirs, out):
+def compare(run_dirs, out, tower="student"):
     """Rows = task sets, or recipes of a task set (run_group: runs of one row are its seeds),
     columns = key metrics: the paper's Figure 1 layout, as Markdown and a radar. The untrained model (eval-init of any run; one per
     seed) is the first row, chance and ceiling rows frame the table, and two more tables give
     every row's difference from the first trained row and from the untrained one."""
     groups, inits = {}, {}
     for d in run_dirs:
-        path = next((p for p in (os.path.join(d, "eval", "results.json"), os.path.join(d, "results.json"))
+        path = next((p for p in (os.path.join(d, eval_folder(False, tower), "results.json"),
+                                 os.path.join(d, "results.json"))
                      if os.path.isfile(p)), None)
         if path is None:
-            fail(f"{d} has no eval/results.json; evaluate it first: python evaluate.py {d}/checkpoint.pt")
+            fail(f"{d} has no {eval_folder(False, tower)}/results.json; evaluate it first: "
+                 f"python evaluate.py {d}/checkpoint.pt" + (" --tower teacher" if tower == "teacher" else ""))
         r = read_results(path)
         groups.setdefault(run_group(d, r["tasks"]), []).append(r)
         if os.path.isfile(init_path := os.path.join(d, "eval-init", "results.json")):
@@ -1541,6 +1597,20 @@ def compare(run_dirs, out):
                 text = f"{delta:+.3f}" + (f" ({z:+.1f}σ)" if z is not None else "")
                 cells.append(f"**{text}**" if z is not None and abs(z) > 2 else text)
             lines.append(f"| {label} | {seeds[label]} | " + " | ".join(cells) + " |")
+        lines += ["", f"Paired difference from **{ref_label}** on the seeds both rows have (mean ± std of the "
+                      "per-seed differences, then mean/std; bold where |mean| > 2 std):", ""] + head
+        for label, st in stats:
+            if label == ref_label:
+                continue
+            cells = []
+            for k in names:
+                pd = paired(st[k], ref[k]) if k in st and k in ref else None
+                if pd is None:
+                    cells.append("–")
+                    continue
+                text = f"{pd[0]:+.3f} ± {pd[1]:.3f}" + (f" ({pd[0] / pd[1]:+.1f})" if pd[1] > 0 else "")
+                cells.append(f"**{text}**" if abs(pd[0]) > 2 * pd[1] else text)
+            lines.append(f"| {label} | {seeds[label]} | " + " | ".join(cells) + " |")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -1568,8 +1638,13 @@ def parse_args(argv):
     p.add_argument("--init", action="store_true",
                    help="score the checkpoint's model at initialisation (same config and seed, no step) "
                         "instead of its weights; default output <checkpoint dir>/eval-init")
-    p.add_argument("--out", help="output folder; default <checkpoint dir>/eval (eval-init with --init), with "
-                                 "--compare the runs' common parent")
+    p.add_argument("--out", help="output folder; default <checkpoint dir>/eval (eval-teacher with --tower "
+                                 "teacher, eval-init with --init), with --compare the runs' common parent")
+    p.add_argument("--tower", choices=("student", "teacher"), default="student",
+                   help="the image tower the image-only probes read: student, or the EMA teacher of ssl where the "
+                        "checkpoint has one (DINO, iBOT and DINOv2 score their teacher); zero-shot, retrieval, "
+                        "depth and grounding read the student, whose text tower and heads were trained with it. "
+                        "With --compare: read each run's eval-teacher/ results (default: student)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--precision", choices=mtv.PRECISIONS, default="auto",
@@ -1604,7 +1679,8 @@ def main(argv=None):
     if args.compare:
         if args.checkpoint:
             fail("give either a CHECKPOINT to evaluate or --compare RUN_DIR ..., not both")
-        return compare(args.compare, args.out or os.path.commonpath([os.path.abspath(d) for d in args.compare]))
+        return compare(args.compare, args.out or os.path.commonpath([os.path.abspath(d) for d in args.compare]),
+                       args.tower)
     if not args.checkpoint:
         fail("give a CHECKPOINT to evaluate, or --compare RUN_DIR ...")
     if args.n < 6:
@@ -1619,7 +1695,8 @@ def main(argv=None):
 
 def evaluate_checkpoint(args):
     start = time.time()
-    model, seed = load_checkpoint(args.checkpoint, init=args.init)
+    model, seed = load_checkpoint(args.checkpoint, init=args.init, tower=args.tower)
+    world = trained_on(args.checkpoint)
     device = torch.device(args.device)
     model = model.to(device).eval()
     S = model.cfg.vision.image_size
@@ -1632,8 +1709,9 @@ def evaluate_checkpoint(args):
     except data.BenchmarkError as e:  # a folder not in its reader's layout, a file that does not decode
         fail(str(e))
     if args.data or not real:  # the toy world unless only real benchmarks were asked for
-        scenes = load_toy_shards(args.data, args.n, S) if args.data else render_toy(args.n, S)
-        used.append(f"{len(scenes)} toy scenes " + (f"from {args.data}" if args.data else f"(seed {TOY_SEED})"))
+        scenes = load_toy_shards(args.data, args.n, S) if args.data else render_toy(args.n, S, world)
+        used.append(f"{len(scenes)} toy scenes " + (f"from {args.data}" if args.data else
+                                                    f"({world} world, seed {TOY_SEED})"))
         scores.rows.update(toy_suite(model, scenes, device, skipped.append).rows)
     for name, folder in real.items():
         try:
@@ -1646,6 +1724,7 @@ def evaluate_checkpoint(args):
     rows = scores.rows
     rounded = lambda v: None if v is None else round(v, 6)
     results = {"checkpoint": args.checkpoint, "init": args.init, "tasks": list(model.tasks), "seed": seed,
+               "tower": tower_of(model), "world": world,
                "data": "; ".join(used), "metrics": {k: round(r["value"], 6) for k, r in rows.items()},
                "se": {k: round(r["se"], 6) for k, r in rows.items()}, "n": {k: r["n"] for k, r in rows.items()},
                "chance": {k: rounded(r["chance"]) for k, r in rows.items()},
@@ -1655,7 +1734,7 @@ def evaluate_checkpoint(args):
                "lower_is_better": [k for k in rows if lower_is_better(k)],
                "precision": "bf16" if isinstance(mtv.autocast(device, PRECISION), torch.autocast) else "fp32",
                "skipped": skipped, "seconds": time.time() - start}
-    write_results(args.out or os.path.join(ckpt_dir, "eval-init" if args.init else "eval"), results)
+    write_results(args.out or os.path.join(ckpt_dir, eval_folder(args.init, args.tower)), results)
     return results
 
 

@@ -587,8 +587,8 @@ class MTV(nn.Module):
         ssl = ssl and "ssl" in tasks
         mask = None
         if ssl:  # the caption view stays clean for clip, depth and ground
-            m = batch["ibot_mask"]  # (B, N)
-            mask = torch.cat([m.new_zeros((len(views) - b, m.shape[1])), m])  # (G*B, N)
+            m = ibot_masks(batch)  # (B, N) the last ssl view's, or (2B, N) both ssl views'
+            mask = torch.cat([m.new_zeros((len(views) - len(m), m.shape[1])), m])  # (G*B, N)
         else:
             views = views[:b]
         layers = self.depth_head.layers if "depth" in tasks else ()
@@ -604,7 +604,7 @@ class MTV(nn.Module):
             out["pooled"] = vis["pooled"][-2 * b:]  # (2B, W) student global features, for KoLeo
             if "local" in batch:  # DINO multi-crop; without local crops only the two global views pair up
                 out["dino_local"] = self.dino_head(self.vision(batch["local"])["pooled"])  # (L*B, K)
-            out["ibot"] = self.ibot_head(vis["patch"][-b:])  # (B, N, K') masked last view
+            out["ibot"] = self.ibot_head(vis["patch"][-len(m):])  # (B or 2B, N, K') the masked view(s)
         if "depth" in tasks:
             out["depth"] = self.depth_head(self.depth_taps([x[:b] for x in vis["layers"]]), self._grid(views),
                                            views.shape[-2:])
@@ -703,9 +703,17 @@ class SSLTeacher(nn.Module):
         self.vision, self.dino_head, self.ibot_head = vision, dino_head, ibot_head
 
     def forward(self, batch: dict) -> dict:
-        b = len(batch["ibot_mask"])
+        b, masked = len(batch["ibot_mask"]), len(ibot_masks(batch))
         vis = self.vision(batch["global"][-2 * b:])  # the two ssl views, unmasked: the teacher sees every patch
-        return {"dino_global": self.dino_head(vis["pooled"]), "ibot": self.ibot_head(vis["patch"][b:])}
+        return {"dino_global": self.dino_head(vis["pooled"]), "ibot": self.ibot_head(vis["patch"][-masked:])}
+
+
+def ibot_masks(batch):
+    """The iBOT masks of the ssl views, view-major as the views: (B, N) for the last view, or (2B, N)
+    when both are masked (data.AugConfig.mask_views = "both", as iBOT)."""
+    if "ibot_mask_first" in batch:
+        return torch.cat([batch["ibot_mask_first"], batch["ibot_mask"]])
+    return batch["ibot_mask"]
 
 
 def _siglip_names(model: MTV) -> dict:

@@ -66,6 +66,13 @@ class TrainConfig:
     centering: str = "mean"  # how the DINO/iBOT teacher avoids collapse: DINO's mean or DINOv2's sinkhorn
     freeze_last_layer: float = 0.01  # fraction of the steps with the SSL prototype layers frozen
     n_local: int = 4  # local crops per image for ssl (DINO multi-crop)
+    local_size: int = 0  # pixels of a local crop; 0 = half the image size
+    local_scale: str = "0.1,0.35"  # area range of the local crops, as a fraction of the image
+    global_scale: str = "0.35,1.0"  # area range of the ssl global crops (DINO: 0.32-1; Gani et al.'s small-data ViTs: 0.7-1)
+    mask_ratio: str = "0.1,0.5"  # iBOT: range of the masked share of a masked view's patches
+    mask_min_block: int = 4  # iBOT: smallest mask block, in patches
+    mask_prob: float = 1.0  # iBOT: share of images whose view is masked (iBOT, DINOv2: 0.5)
+    mask_views: str = "last"  # iBOT masks both global views; "last" masks the second one only
     prototypes: int = 0  # DINO and iBOT prototypes K each; 0 = the preset's
     ssl_start: float = 0.0  # fraction of the steps before ssl joins (SigLIP 2: 0.8)
     ssl_views: str = "shared"  # shared: DINO's first global view is the caption view; separate: SigLIP 2
@@ -73,6 +80,7 @@ class TrainConfig:
     hue: float = 0.1  # DINO's hue jitter on the ssl-only views
     grayscale: float = 0.2  # DINO's grayscale probability on the ssl-only views
     image_size: int = 0  # 0 = the preset's resolution
+    patch_size: int = 0  # 0 = the preset's patch size
     vit_init: str = "big_vision"  # initialisation of the image tower (mtv.ViTConfig.init)
     init_from: str = ""  # a checkpoint whose weights the run starts from (optimizer and schedules fresh)
     out: str = "runs/train"
@@ -86,6 +94,7 @@ class TrainConfig:
     val_batches: int = 4
     toy_n: int = 8000  # toy-world scenes generated when --data is not given
     captions: str = "web"  # the toy world's caption style: web alt-text or full
+    world: str = "toy"  # the toy world, or the shape-only world (a positive control for ssl)
     prepare_data: bool = False  # make (or find) the toy world's data, then exit
     device: str = ""  # "" = cuda if available, else cpu
     compile: bool = False
@@ -127,7 +136,21 @@ FLAG_HELP = {  # train.py --help, one entry per TrainConfig field
                     "norms, position tables and tokens are not decayed",
     "weight_decay_end": "weight decay at the last step",
     "grad_clip": "clip the global gradient norm to this value",
-    "n_local": "DINO local crops per image (half the image size each), with ssl only",
+    "n_local": "DINO local crops per image, with ssl only",
+    "local_size": "side of a local crop in pixels (a multiple of the patch size); 0 = half the image size. At 32 px "
+                  "with 8-px patches half the image is 4 tokens; DINO's local crops are 36",
+    "local_scale": "LO,HI: the area range the local crops are cut from, as a fraction of the image (DINO: 0.05,0.32)",
+    "global_scale": "LO,HI: the area range of the global crops that ssl reads (DINO: 0.32,1; the ViTs of Gani et al. "
+                    "2022 on 32-px images: 0.7,1); the caption view keeps 0.9,1",
+    "mask_ratio": "LO,HI: iBOT's masked share of a masked view's patches is drawn from this range (iBOT: 0.1,0.5)",
+    "mask_min_block": "smallest block of iBOT's block-wise mask, in patches (BEiT, iBOT: 4, of a 14x14 grid; on the "
+                      "toy's 4x4 grid 4 patches hide a whole object: 1 lets the mask hide part of one)",
+    "mask_prob": "probability that a view is masked at all (iBOT: 0.5; DINOv2's mask_sample_probability 0.5); an "
+                 "unmasked view gives no iBOT target",
+    "mask_views": "which ssl global views iBOT masks: last (the second view only) or both (iBOT)",
+    "patch_size": "patch size of the image tower in pixels; 0 = the preset's (micro: 8; 4 at 32 px gives 64 tokens)",
+    "world": "toy data made when --data is empty: toy (the toy world) or shapes (one white object before a fixed "
+             "room, light and camera: scenes differ by shape, size, place and turn only; a positive control for ssl)",
     "prototypes": "prototypes K of the DINO head and of the iBOT head each (the output width of their "
                   "softmax); 0 = the preset's (micro: 1024 and 512; DINO uses 65536 for ImageNet)",
     "ssl_start": "fraction of the steps (0..1) before the ssl losses join: until then no ssl loss and no "
@@ -177,6 +200,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     choices = {"precision": mtv.PRECISIONS, "captions": tuple(data.CAPTIONS), "ssl_views": ("shared", "separate"),
+               "world": tuple(data.WORLDS), "mask_views": ("last", "both"),
                "centering": ("mean", "sinkhorn"), "vit_init": mtv.VIT_INITS}
     for f, default in asdict(TrainConfig()).items():
         name = "--" + f.replace("_", "-")
@@ -323,7 +347,8 @@ def toy_code_key(here=None):
 
 
 def toy_data_root(cfg, size):
-    return os.path.join("runs", "toy-data", f"{data.WORLD}-{cfg.captions}-n{cfg.toy_n}-px{size}-{toy_code_key()}")
+    return os.path.join("runs", "toy-data",
+                        f"{data.WORLDS[cfg.world]}-{cfg.captions}-n{cfg.toy_n}-px{size}-{toy_code_key()}")
 
 
 def toy_data(cfg, size, rank):
@@ -340,7 +365,7 @@ def toy_data(cfg, size, rank):
         print0(f"generating the toy world in {root} (simulated experts label it)")
         data.main(["--out", os.path.join(root, "raw"), "--n", str(cfg.toy_n), "--val-n", "512",
                    "--size", str(size), "--seed", "0",
-                   "--captions", cfg.captions])
+                   "--captions", cfg.captions, "--world", cfg.world])
         import pseudolabel  # only needed here; pseudolabel.py sits after train.py's inputs
 
         pseudolabel.main(["--shards", os.path.join(root, "raw", "*.tar"), "--out", labelled,
@@ -514,7 +539,7 @@ class Objectives(torch.nn.Module):
         if "ssl" in self.tasks and target is not None:  # no target before --ssl-start
             d = self.dino(out["dino_global"].float(), out.get("dino_local"),
                           target["dino_global"].float(), teacher_temp)
-            d.update(self.ibot(out["ibot"].float(), target["ibot"].float(), batch["ibot_mask"],
+            d.update(self.ibot(out["ibot"].float(), target["ibot"].float(), mtv.ibot_masks(batch),
                                teacher_temp))
             parts["ssl"] = self.weights["dino"] * d["dino"] + self.weights["ibot"] * d["ibot"]
             if self.cfg.koleo > 0:  # DINOv2: spread the student's global features, summed over the 2 views
@@ -634,15 +659,38 @@ def check_config(cfg):
         fail(f"--prototypes must be positive (or 0 for the preset's), got {cfg.prototypes}")
     if not 0 <= cfg.freeze_last_layer < 1:
         fail(f"--freeze-last-layer is a fraction of the steps in [0, 1), got {cfg.freeze_last_layer}")
-    patch = mtv.PRESETS[cfg.model].vision.patch_size
-    if cfg.image_size and (cfg.image_size < 0 or cfg.image_size % patch):
-        fail(f"--image-size {cfg.image_size} is not a positive multiple of the {cfg.model} preset's patch size "
-             f"{patch}; try {max(patch, round(cfg.image_size / patch) * patch)}")
+    if cfg.patch_size < 0:
+        fail(f"--patch-size must be positive (or 0 for the preset's), got {cfg.patch_size}")
+    patch = cfg.patch_size or mtv.PRESETS[cfg.model].vision.patch_size
+    size = cfg.image_size or mtv.PRESETS[cfg.model].vision.image_size
+    if cfg.image_size < 0 or size % patch:
+        fail(f"--image-size {size} is not a positive multiple of the patch size {patch}; "
+             f"try {max(patch, round(size / patch) * patch)}")
+    if cfg.local_size and (cfg.local_size < 0 or cfg.local_size % patch):
+        fail(f"--local-size {cfg.local_size} is not a positive multiple of the patch size {patch}")
+    for flag in ("local_scale", "global_scale", "mask_ratio"):
+        parse_range(cfg, flag)
+    if cfg.mask_min_block < 1:
+        fail(f"--mask-min-block is a number of patches, at least 1, got {cfg.mask_min_block}")
+    if not 0 < cfg.mask_prob <= 1:
+        fail(f"--mask-prob is a probability in (0, 1], got {cfg.mask_prob}")
     if cfg.resume and cfg.resume != "latest" and not os.path.isfile(cfg.resume):
         fail(f"--resume {cfg.resume!r} is neither 'latest' nor an existing checkpoint file")
     if cfg.init_from and not os.path.isfile(cfg.init_from):
         fail(f"--init-from {cfg.init_from!r} is not a checkpoint file")
     return tasks, weights
+
+
+def parse_range(cfg, flag):
+    """A LO,HI flag (a share in (0, 1]) -> (lo, hi); one sentence and exit 2 if it is not one."""
+    text = getattr(cfg, flag)
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        fail(f"--{flag.replace('_', '-')} is LO,HI (two numbers), got {text!r}")
+    if not 0 < lo <= hi <= 1:
+        fail(f"--{flag.replace('_', '-')} {text} is not a range 0 < LO <= HI <= 1")
+    return lo, hi
 
 
 @dataclass
@@ -730,10 +778,12 @@ def setup(cfg):
     student = torch.compile(ddp) if cfg.compile else ddp
     autocast = mtv.autocast(device, cfg.precision)
 
-    aug = data.AugConfig(size=size, local_size=size // 2, n_local=cfg.n_local if "ssl" in tasks else 0,
-                         caption_jitter=cfg.caption_jitter, hue=cfg.hue, grayscale=cfg.grayscale,
-                         ssl_views=cfg.ssl_views,
-                         patch_size=model_cfg.vision.patch_size)
+    aug = data.AugConfig(size=size, local_size=cfg.local_size or size // 2,
+                         n_local=cfg.n_local if "ssl" in tasks else 0, caption_jitter=cfg.caption_jitter,
+                         hue=cfg.hue, grayscale=cfg.grayscale, ssl_views=cfg.ssl_views,
+                         global_scale=parse_range(cfg, "global_scale"), local_scale=parse_range(cfg, "local_scale"),
+                         mask_ratio=parse_range(cfg, "mask_ratio"), mask_min_block=cfg.mask_min_block,
+                         mask_prob=cfg.mask_prob, mask_views=cfg.mask_views, patch_size=model_cfg.vision.patch_size)
     loader = make_loader(cfg, train_shards, tasks, model, aug, skip=step, seed=cfg.seed)
     val_loader = (make_loader(cfg, val_shards, tasks, model, aug, skip=0, seed=cfg.seed + 1,
                               repeat=False, workers=0) if val_shards else None)
@@ -746,6 +796,8 @@ def model_config(cfg, world):
     model_cfg = mtv.build_config(cfg.model)
     if cfg.image_size:
         model_cfg.vision.image_size = cfg.image_size
+    if cfg.patch_size:
+        model_cfg.vision.patch_size = cfg.patch_size
     model_cfg.vision.init = cfg.vit_init
     if cfg.prototypes:
         model_cfg.heads.dino_prototypes = model_cfg.heads.ibot_prototypes = cfg.prototypes
