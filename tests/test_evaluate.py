@@ -272,7 +272,8 @@ def test_paired_gain_by_hand():
 DENSE = [f"{probe}_{infix}{sub}{metric}" for infix in ("", "ml_") for sub in ("", "obj_")
          for probe, metric in (("depth_probe", "rmse"), ("depth_probe", "absrel"))] + \
         [f"seg_{infix}{sub}miou" for infix in ("", "ml_") for sub in ("", "obj_")]
-OBJECT = [f"obj_{attr}_{infix}acc" for attr in ("shape", "color") for infix in ("", "ml_")]
+OBJECT = [f"obj_{attr}_{infix}acc" for attr in ("shape", "color") for infix in ("", "ml_")] + \
+         [f"obj_shape_{infix}knn_acc" for infix in ("", "ml_")]
 
 
 @pytest.fixture(scope="module")
@@ -389,9 +390,27 @@ def test_object_probes_on_true_labels_are_perfect(scenes32, monkeypatch):
     E.toy_object_probes(m, {"": None, "ml_": None}, scenes32)
     assert sorted(m.rows) == sorted(OBJECT)
     for k, r in m.rows.items():
-        assert r["value"] == 1.0 and r["ceiling"] == 1.0 and r["n"] == 10 and 0 < r["chance"] < 0.7, k
+        if "knn" not in k:  # the k-NN probe on shape alone: test_knn_object_probe_chance_and_ceiling
+            assert r["value"] == 1.0 and r["ceiling"] == 1.0 and r["n"] == 10 and 0 < r["chance"] < 0.7, k
     shapes = torch.tensor([data.SHAPES.index(o["shape"]) for o in objects])
     assert m.rows["obj_shape_acc"]["chance"] == E.majority_chance(shapes[img < 20], shapes[img >= 20])
+
+
+def test_knn_object_probe_chance_and_ceiling(monkeypatch):
+    """DINO's weighted k-NN on object tokens: 1.0 on the true shape one-hots, at most the majority
+    chance (within 2 se) on features without content (noise)."""
+    scenes = [data.render_scene(12, i, 32) for i in range(240)]
+    seg = E.stacked(scenes, "seg").long()
+    _, img, obj = E.object_tokens(torch.zeros(len(scenes), 4, 4, 1), seg)
+    shapes = torch.tensor([data.SHAPES.index(scenes[i]["objects"][j]["shape"]) for i, j in zip(img.tolist(), obj.tolist())])
+    for features, perfect in ((torch.nn.functional.one_hot(shapes, 4).float(), True),
+                              (torch.randn(len(shapes), 16, generator=torch.Generator().manual_seed(0)), False)):
+        monkeypatch.setattr(E, "object_tokens", lambda P, seg, X=features: (X, img, obj))
+        m = E.Scores()
+        E.toy_object_probes(m, {"": None}, scenes)
+        r = m.rows["obj_shape_knn_acc"]
+        assert r["n"] == 80 and (r["value"] == 1.0 if perfect else r["value"] < r["chance"] + 2 * r["se"]), r
+        assert perfect or r["value"] > 0.15  # noise votes at random, not against the truth
 
 
 def test_taps_are_the_dpt_head_inputs():
@@ -540,6 +559,62 @@ def test_toy_suite_end_to_end(tmp_path, capsys):
     old = fake_run(tmp_path, "old", ["clip"], 0, {"zs_shape_acc": 0.3, "depth_probe_rmse": 2.0})
     table = E.main(["--compare", str(tmp_path), old, "--out", str(tmp_path / "cmp")])
     assert "obj_shape_ml_acc" in table["clip+ssl+depth+ground"] and "depth_probe_rmse" in table["clip"]
+
+
+def test_teacher_tower_is_loaded_and_scored(tmp_path):
+    """--tower teacher: the image-only features come from the checkpoint's EMA teacher, zero-shot
+    from the student's pair of towers; the toy scenes are of the world the run trained on; a
+    checkpoint without a teacher is scored by its student and says so."""
+    torch.manual_seed(0)
+    model = mtv.MTV(tiny_config(), ("clip", "ssl"))
+    teacher = model.ssl_teacher()
+    with torch.no_grad():
+        for p in teacher.vision.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    ckpt = str(tmp_path / "checkpoint.pt")
+    torch.save({"model": model.state_dict(), "model_config": model.config_dict(), "teacher": teacher.state_dict(),
+                "train_config": {"seed": 7, "world": "shapes"}}, ckpt)
+    loaded, _ = E.load_checkpoint(ckpt, tower="teacher")
+    assert E.tower_of(loaded) == "teacher" and E.tower_of(E.load_checkpoint(ckpt)[0]) == "student"
+    assert all(torch.equal(v, teacher.vision.state_dict()[k]) for k, v in loaded.probe_vision.state_dict().items())
+    images = [s["image"] for s in E.render_toy(4, 32, "shapes")]
+    f = E.extract(loaded.eval(), images, ("pooled", "patch", "img"), torch.device("cpu"), None)
+    with torch.no_grad():
+        x = E.to_input(images, "cpu")
+        t, st = teacher.vision.eval()(x), model.eval().vision(x)
+    torch.testing.assert_close(f["pooled"], t["pooled"])
+    torch.testing.assert_close(f["patch"].flatten(1, 2), t["patch"])
+    torch.testing.assert_close(f["img"], torch.nn.functional.normalize(st["pooled"], dim=-1))
+    assert not torch.allclose(f["pooled"], st["pooled"], atol=1e-3)
+    by = {tower: E.main([ckpt, "--n", "30", "--tower", tower]) for tower in ("student", "teacher")}
+    assert by["teacher"]["tower"] == "teacher" and (tmp_path / "eval-teacher" / "results.json").is_file()
+    assert by["teacher"]["world"] == "shapes" and "shapes world" in by["teacher"]["data"]
+    assert by["teacher"]["metrics"]["zs_shape_acc"] == by["student"]["metrics"]["zs_shape_acc"]
+    assert by["teacher"]["metrics"]["lin_count_acc"] != by["student"]["metrics"]["lin_count_acc"] or \
+        by["teacher"]["metrics"]["obj_shape_acc"] != by["student"]["metrics"]["obj_shape_acc"]
+    (tmp_path / "plain").mkdir()
+    plain = tiny_checkpoint(tmp_path / "plain" / "checkpoint.pt")
+    assert E.main([plain, "--n", "12", "--tower", "teacher"])["tower"] == "student"
+
+
+def test_compare_pairs_seeds(tmp_path):
+    """--compare's paired table: per-seed differences on the seeds two rows share, mean ± std and
+    mean/std, bold where |mean| > 2 std (by hand); --tower teacher reads eval-teacher/."""
+    a, b = [0.50, 0.55, 0.60], [0.45, 0.52, 0.55]  # differences 0.05, 0.03, 0.05: mean 0.0433, std 0.0115
+    runs = [fake_run(tmp_path, f"r-seed{s}", ["ssl"], s, {"obj_shape_acc": a[s]}) for s in range(3)]
+    for s in range(3):
+        fake_run(tmp_path, f"r-seed{s}", ["ssl"], s, {"obj_shape_acc": b[s]}, init=True)
+    E.main(["--compare", *runs, "--out", str(tmp_path / "cmp")])
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    d = np.array(a) - np.array(b)
+    mean, std = d.mean(), d.std(ddof=1)
+    assert abs(mean) > 2 * std and f"**{mean:+.3f} ± {std:.3f} ({mean / std:+.1f})**" in md
+    assert E.paired({"by_seed": {"0": 1.0, "1": 2.0}}, {"by_seed": {"1": 1.5, "2": 0.0}}) is None  # one shared seed
+    assert E.paired({"by_seed": {"0": 1.0, "1": 2.0, "2": 3.0}}, {"by_seed": {"0": 0.0, "1": 2.0}}) == \
+        pytest.approx((0.5, math.sqrt(0.5), 2))
+    for s in range(3):
+        (tmp_path / f"r-seed{s}" / "eval").rename(tmp_path / f"r-seed{s}" / "eval-teacher")
+    assert "ssl [r]" in E.main(["--compare", *runs, "--out", str(tmp_path / "cmp2"), "--tower", "teacher"])
 
 
 def test_init_is_the_model_before_its_first_step(tmp_path):

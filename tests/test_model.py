@@ -267,3 +267,23 @@ def test_bench_runs():
     from bench import vit
 
     assert vit.main(["--preset", "tiny", "--batch", "1", "--warmup", "0", "--iters", "1", "--device", "cpu"]) > 0
+
+
+def test_ibot_masks_both_global_views(cfg):
+    """With a mask on each ssl view (iBOT masks both) the student's iBOT logits cover both views,
+    view-major as the views, and only the masked view's patches change; the teacher's targets
+    are its unmasked patches of both views."""
+    model = mtv.MTV(cfg, ("ssl",)).eval()
+    batch = make_batch(cfg, ("ssl",))
+    n = batch["ibot_mask"].shape[1]
+    batch["ibot_mask_first"] = torch.zeros(B, n, dtype=torch.bool)
+    batch["ibot_mask_first"][0, :5] = True
+    assert torch.equal(mtv.ibot_masks(batch), torch.cat([batch["ibot_mask_first"], batch["ibot_mask"]]))
+    with torch.no_grad():
+        out, one = model(batch), model({k: v for k, v in batch.items() if k != "ibot_mask_first"})
+        target = model.ssl_teacher()(batch)
+    assert out["ibot"].shape[0] == target["ibot"].shape[0] == 2 * B and one["ibot"].shape[0] == B
+    torch.testing.assert_close(out["ibot"][B:], one["ibot"])  # the last view is masked as before
+    plain = model({**batch, "ibot_mask_first": torch.zeros(B, n, dtype=torch.bool)})["ibot"][:B]
+    changed = (out["ibot"][:B] - plain).abs().amax(-1) > 1e-6  # (B, N): where the first view differs
+    assert changed[0].any() and not changed[1].any()  # image 1's first view is unmasked: untouched

@@ -57,6 +57,21 @@ def test_two_steps_every_subset(shards, tmp_path, tasks):
     assert "git_commit" in info and info["git_dirty"] in (True, False)  # this checkout is a git repository
 
 
+def test_ssl_at_the_grid_flags(shards, tmp_path):
+    """The self-distillation flags of the token-grid round train: patch 4 (8x8 tokens at 32 px),
+    both views masked, half the images, blocks of one patch, larger local crops, tighter global
+    crops; the checkpoint records the patch size and the world."""
+    out = tmp_path / "run"
+    train.main(["--tasks", "ssl", "--data", shards["train"], "--out", str(out), "--steps", "2", *FAST,
+                "--patch-size", "4", "--mask-views", "both", "--mask-prob", "0.5", "--mask-min-block", "1",
+                "--local-size", "16", "--local-scale", "0.2,0.5", "--global-scale", "0.7,1.0", "--world", "shapes"])
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert np.isfinite(rows[-1]["ibot"]) and np.isfinite(rows[-1]["dino"])
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["model_config"]["config"]["vision"]["patch_size"] == 4 and ck["train_config"]["world"] == "shapes"
+    assert ck["model"]["vision.pos_embed"].shape[-2] == 64
+
+
 def test_fixed_batch_overfits():
     """On one fixed batch, every enabled loss falls clearly within 50 steps of the tiny model. The SSL
     teacher stays fixed here, so the DINO and iBOT targets stand still and the student must fit them."""
@@ -161,7 +176,13 @@ def _cli(args, cwd=ROOT):
     (["--tasks", "clip", "--loss-weights", "clip=x"], "not task=number"),
     (["--tasks", "clip", "--data", "/nonexistent/*.tar"], "matches no files"),
     (["--tasks", "clip", "--model", "huge"], "unknown --model"),
-    (["--tasks", "clip", "--image-size", "60"], "not a positive multiple of the tiny preset's patch size 8; try 64"),
+    (["--tasks", "clip", "--image-size", "60"], "--image-size 60 is not a positive multiple of the patch size 8; try 64"),
+    (["--tasks", "clip", "--patch-size", "5"], "--image-size 64 is not a positive multiple of the patch size 5"),
+    (["--tasks", "ssl", "--local-size", "20"], "--local-size 20 is not a positive multiple of the patch size 8"),
+    (["--tasks", "ssl", "--mask-ratio", "0.5"], "--mask-ratio is LO,HI"),
+    (["--tasks", "ssl", "--global-scale", "0.9,0.2"], "--global-scale 0.9,0.2 is not a range"),
+    (["--tasks", "ssl", "--mask-prob", "0"], "--mask-prob is a probability"),
+    (["--tasks", "ssl", "--mask-min-block", "0"], "--mask-min-block is a number of patches"),
     (["--tasks", "clip", "--image-size", "4"], "not a positive multiple"),
     (["--tasks", "ssl", "--freeze-last-layer", "1.5"], "--freeze-last-layer"),
 ])

@@ -189,3 +189,58 @@ def test_caption_view_jitter_is_its_own():
     assert torch.allclose(v["global"][0], plain, atol=1e-5) and not torch.allclose(v["global"][1], plain, atol=1e-3)
     v = data.make_views(sample, np.random.default_rng(0), aug, ("ssl",))
     assert not torch.allclose(v["global"][0], plain, atol=1e-3)
+
+
+def pieces(mask):
+    """Number of 4-connected pieces of a 2-D bool array."""
+    seen, count = np.zeros_like(mask), 0
+    for i, j in zip(*np.nonzero(mask)):
+        if seen[i, j]:
+            continue
+        count, stack, seen[i, j] = count + 1, [(i, j)], True
+        while stack:
+            a, b = stack.pop()
+            for c, d in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
+                if 0 <= c < mask.shape[0] and 0 <= d < mask.shape[1] and mask[c, d] and not seen[c, d]:
+                    seen[c, d] = True
+                    stack.append((c, d))
+    return count
+
+
+def test_ibot_mask_smallest_block():
+    """A quarter of a 4x4 grid masked: with BEiT's smallest block of 4 patches it is mostly one
+    block (a whole object of the toy world); with min_block=1 it often comes in several pieces."""
+    def mean_pieces(min_block):
+        rng = np.random.default_rng(0)
+        masks = [data.block_mask(rng, 4, (0.25, 0.25), min_block).reshape(4, 4).numpy() for _ in range(300)]
+        assert all(m.sum() == 4 for m in masks)
+        return np.mean([pieces(m) for m in masks])
+    assert mean_pieces(4) < 1.35 < 1.5 < mean_pieces(1)  # 1.27 and 1.60 at this seed
+
+
+def test_ibot_mask_probability_and_both_views():
+    """mask_prob: the share of views masked at all; mask_views="both" masks the first ssl view
+    too, drawn on its own; the defaults mask the last view of every image, as before."""
+    aug = data.AugConfig(size=16, local_size=8, n_local=0, patch_size=4, mask_prob=0.5, mask_views="both")
+    views = [data.make_views(hand_sample(), np.random.default_rng(i), aug, ("ssl",)) for i in range(300)]
+    last, first = (torch.stack([v[k] for v in views]) for k in ("ibot_mask", "ibot_mask_first"))
+    for m in (last, first):
+        assert 0.4 < m.any(1).float().mean() < 0.6 and (m.sum(1)[m.any(1)] >= 2).all()
+    assert (last.any(1) != first.any(1)).float().mean() > 0.3  # independent draws
+    assert data.collate(views[:3], tokenize)["ibot_mask_first"].shape == (3, 16)
+    plain = [data.make_views(hand_sample(), np.random.default_rng(i), data.AugConfig(size=16, local_size=8,
+                                                                                     patch_size=4), ("ssl",))
+             for i in range(50)]
+    assert all(v["ibot_mask"].any() and "ibot_mask_first" not in v for v in plain)
+
+
+def test_crop_scales_and_local_size_reach_the_views(monkeypatch):
+    """global_scale, local_scale and local_size are what make_views crops with (ssl alone: every
+    global view is an ssl view)."""
+    seen = []
+    crop = data.random_crop
+    monkeypatch.setattr(data, "random_crop", lambda rng, h, w, scale: seen.append(scale) or crop(rng, h, w, scale))
+    aug = data.AugConfig(size=16, local_size=12, n_local=3, patch_size=4, global_scale=(0.7, 1.0),
+                         local_scale=(0.2, 0.5))
+    v = data.make_views(hand_sample(), np.random.default_rng(0), aug, ("ssl",))
+    assert seen == [(0.7, 1.0)] * 2 + [(0.2, 0.5)] * 3 and v["local"].shape == (3, 3, 12, 12)

@@ -102,8 +102,8 @@ def test_web_captions_leave_things_out_and_the_truth_stays(scenes, monkeypatch):
 # The toy data's cache is keyed by the code that makes it: README's ladder once ran on a cache made
 # before the tagger, whose folder name said nothing of the labeller.
 
-def _make_toy_data_path(folder):
-    return subprocess.run(["make", "-s", "-C", str(folder), "toy-data-path"], capture_output=True,
+def _make_toy_data_path(folder, *args):
+    return subprocess.run(["make", "-s", "-C", str(folder), "toy-data-path", *args], capture_output=True,
                           text=True, check=True).stdout.strip()
 
 
@@ -115,6 +115,8 @@ def test_makefile_and_train_key_the_toy_data_by_its_code(tmp_path):
     cfg = train.TrainConfig()
     assert _make_toy_data_path(REPO) == train.toy_data_root(cfg, SIZE)
     assert f"runs/toy-data/{data.WORLD}-web-n8000-px32-" in train.toy_data_root(cfg, SIZE)
+    shapes = train.TrainConfig(world="shapes")
+    assert _make_toy_data_path(REPO, "WORLD=shapes") == train.toy_data_root(shapes, SIZE) != train.toy_data_root(cfg, SIZE)
     for name in ("Makefile", *train.TOY_CODE):
         shutil.copy(REPO / name, tmp_path / name)
     before = (_make_toy_data_path(tmp_path), train.toy_code_key(tmp_path))
@@ -155,3 +157,31 @@ def test_train_makes_reuses_and_refuses_toy_data(tmp_path, monkeypatch, capsys):
         train.main(args)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "made by other code" in err and len(err.splitlines()) == 1
+
+
+def test_the_shape_world_varies_only_shape_size_place_and_turn():
+    """The positive control's world: one white object, the same camera, room and light in every
+    scene; what the object is (shape, size) and where it stands vary. Where neither scene has its
+    object or its shadow the pixels are the same; in the toy world they are not."""
+    scenes = [data.render_scene(3, i, SIZE, world="shapes") for i in range(40)]
+    assert all(s["count"] == 1 and len(s["objects"]) == 1 and s["objects"][0]["color"] == "white" for s in scenes)
+    assert all(s["camera"] == scenes[0]["camera"] for s in scenes)
+    objects = [s["objects"][0] for s in scenes]
+    assert {o["shape"] for o in objects} == set(data.SHAPES) and {o["size"] for o in objects} == set(data.SIZES)
+    assert len({tuple(o["center"]) for o in objects}) == 40 and min(o["area"] for o in objects) > 0.03
+
+    def same_background(a, b):  # share of identical pixels away from both objects' bounding boxes
+        keep = np.ones((SIZE, SIZE), bool)
+        for s in (a, b):
+            x0, y0, x1, y1 = (np.array(s["objects"][0]["box"]) * SIZE).round().astype(int)
+            keep[max(y0 - 2, 0):y1 + 6, max(x0 - 6, 0):x1 + 6] = False  # the shadow falls beside and below
+        return (a["image"] == b["image"]).all(-1)[keep].mean() if keep.sum() >= 100 else None
+
+    def shares(world):
+        got = [same_background(a, b) for a, b in zip(world, world[1:])]
+        return [g for g in got if g is not None]
+    assert len(shares(scenes)) >= 30 and min(shares(scenes)) > 0.95
+    toy = [data.render_scene(3, i, SIZE) for i in range(20)]
+    assert len(shares(toy)) >= 5 and max(shares(toy)) < 0.5
+    with pytest.raises(ValueError, match="unknown world"):
+        data.render_scene(3, 0, SIZE, world="mars")
