@@ -32,6 +32,7 @@ from glob import glob
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -59,6 +60,8 @@ class TrainConfig:
     weight_decay_end: float = 0.2
     grad_clip: float = 1.0
     loss_weights: str = ""  # e.g. "clip=1,ssl=0.5"; unnamed enabled tasks weigh 1
+    balance: str = "none"  # none, or uncertainty: learnt task weights (Kendall, Gal & Cipolla 2018)
+    pull_every: int = 0  # steps between measurements of each objective's gradient on the image tower; 0 = never
     teacher_momentum: float = 0.99  # EMA of the SSL teacher, cosine-increased to teacher_momentum_end
     teacher_momentum_end: float = 1.0  # DINO: 1; equal to teacher_momentum for a fixed momentum (SILC)
     teacher_temp: float = 0.07  # DINO: warmed up from 0.04; above ~0.07 training is unstable
@@ -96,6 +99,7 @@ class TrainConfig:
     captions: str = "web"  # the toy world's caption style: web alt-text or full
     world: str = "toy"  # the toy world, or the shape-only world (a positive control for ssl)
     prepare_data: bool = False  # make (or find) the toy world's data, then exit
+    weights_from: str = ""  # a run folder: print the --loss-weights that equalise its measured pulls, then exit
     device: str = ""  # "" = cuda if available, else cpu
     compile: bool = False
     precision: str = "auto"  # see mtv.autocast
@@ -111,6 +115,13 @@ FLAG_HELP = {  # train.py --help, one entry per TrainConfig field
     "batch_size": "images per process and step",
     "loss_weights": "task=weight pairs, e.g. clip=1,ssl=0.5,depth=0.5; dino= and ibot= weigh the two terms "
                     "of ssl on their own (e.g. ibot=0 for DINO alone)",
+    "balance": "how the objectives are weighed: none = --loss-weights as given; uncertainty = each task's weighted "
+               "loss L is scaled by a learnt exp(-s)/2 plus s/2 (Kendall, Gal & Cipolla 2018, eq. 7, s = log sigma^2 "
+               "from 0, no weight decay): a task with a larger loss gets a smaller weight; logged as weight_TASK",
+    "pull_every": "steps between measurements of the pull: each objective's weighted gradient on the shared image "
+                  "tower alone (patch embedding, positions, blocks, final norm; not the heads) as pull_TASK, and "
+                  "the cosine between every two objectives' gradients as cos_A_B, in metrics.jsonl and losses.png. "
+                  "A multiple of --log-every; each measurement costs one more backward pass per objective; 0 = never",
     "teacher_momentum": "start of the EMA momentum schedule (cosine to --teacher-momentum-end); 0.996 in DINO for long runs, "
                         "lower for short ones so the teacher keeps up",
     "teacher_momentum_end": "end of the EMA momentum schedule: 1.0 as DINO (the teacher freezes at the end); "
@@ -122,6 +133,9 @@ FLAG_HELP = {  # train.py --help, one entry per TrainConfig field
     "captions": "caption style of the toy world made when --data is empty: web (alt-text that leaves "
                 "objects and attributes out, the default) or full (names every object's colour and shape)",
     "deterministic": "deterministic kernels (CPU: bit-identical resume)",
+    "weights_from": "a run folder trained with --pull-every: print the static --loss-weights that give every "
+                    "objective the same pull on the image tower (each weight times the geometric mean of the "
+                    "pulls over its own mean pull, over the second half of the run's measurements), then exit",
     "prepare_data": "make (or find) the toy world's data under runs/toy-data/, print its folder and exit "
                     "(make ablate does this once, so that parallel runs do not race to write it)",
     "compile": "torch.compile the model (minutes of compilation first, then faster steps)",
@@ -201,7 +215,7 @@ def parse_args(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     choices = {"precision": mtv.PRECISIONS, "captions": tuple(data.CAPTIONS), "ssl_views": ("shared", "separate"),
                "world": tuple(data.WORLDS), "mask_views": ("last", "both"),
-               "centering": ("mean", "sinkhorn"), "vit_init": mtv.VIT_INITS}
+               "centering": ("mean", "sinkhorn"), "vit_init": mtv.VIT_INITS, "balance": BALANCES}
     for f, default in asdict(TrainConfig()).items():
         name = "--" + f.replace("_", "-")
         if isinstance(default, bool):
@@ -250,6 +264,12 @@ def parse_weights(spec, tasks):
             fail(f"--loss-weights entry {item!r} is not task=number")
     return weights
 
+
+BALANCES = ("none", "uncertainty")
+# Adam moves a parameter by about lr per step: at the toy's lr 3e-4 Kendall's s = log sigma^2 could
+# travel 0.45 in 1,500 steps (weights within a factor 1.6), far from its optimum log L. Its own
+# larger step lets it reach that in about a hundred steps.
+BALANCE_LR_SCALE = 100.0
 
 # Names per image after pseudo-label filtering: sets the grounding loss's initial bias, -log(names in
 # the global batch - 1). 2.5 was measured on the first toy world; the second keeps about 1.1 boxes per
@@ -482,8 +502,10 @@ def plot_losses(metrics_path, png_path, refs=None, labels=None):
     bottom = [k for k in ("clip_gap", "ground_gap", "dino_teacher_entropy", "ibot_teacher_entropy", "lr") if logged(k)]
     if not top:
         return
-    cols = max(len(top), len(bottom))
-    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 5.8), squeeze=False)
+    # --pull-every: each objective's gradient norm on the tower and the cosines, one panel each
+    third = [k for k in ("pull", "cos") if any(q.startswith(k + "_") for rows in runs for r in rows for q in r)]
+    cols = max(len(top), len(bottom), len(third))
+    fig, axes = plt.subplots(2 + bool(third), cols, figsize=(3.2 * cols, 2.9 * (2 + bool(third))), squeeze=False)
     for i, keys in enumerate((top, bottom)):
         for ax, k in zip(axes[i], keys):
             for j, (rows, label) in enumerate(zip(runs, labels)):
@@ -508,6 +530,22 @@ def plot_losses(metrics_path, png_path, refs=None, labels=None):
             ax.set_xlabel("step")
         for ax in axes[i][len(keys):]:
             ax.axis("off")
+    for ax, kind in zip(axes[-1] if third else [], third):
+        names = sorted({q for rows in runs for r in rows for q in r if q.startswith(kind + "_")})
+        for n, q in enumerate(names):
+            for j, rows in enumerate(runs):
+                points = [(r["step"], r[q]) for r in rows if q in r]
+                ax.plot(*zip(*points), color=f"C{n}", ls=("-", "--", ":", "-.")[j % 4],
+                        label=q[len(kind) + 1:] + (f" {labels[j]}" if len(runs) > 1 else ""))
+        if kind == "pull":
+            ax.set_yscale("log")
+        else:
+            ax.axhline(0, ls=":", color="gray")
+        ax.legend(fontsize=6)
+        ax.set_title("gradient norm on the image tower" if kind == "pull" else "cosine of tower gradients", fontsize=9)
+        ax.set_xlabel("step")
+    for ax in (axes[-1][len(third):] if third else []):
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
@@ -524,6 +562,9 @@ class Objectives(torch.nn.Module):
         super().__init__()
         self.tasks, self.cfg = tasks, cfg
         self.weights = weights or parse_weights("", tasks)  # every task and ssl term at 1
+        # --balance uncertainty: one learnt s = log sigma^2 per task (Kendall et al. 2018), from 0
+        self.log_vars = (torch.nn.ParameterDict({t: torch.nn.Parameter(torch.zeros(())) for t in tasks})
+                         if getattr(cfg, "balance", "none") == "uncertainty" else None)
         if "ssl" in tasks:
             self.dino = losses.DINOLoss(model.cfg.heads.dino_prototypes, centering=cfg.centering)
             self.ibot = losses.IBOTLoss(model.cfg.heads.ibot_prototypes, centering=cfg.centering)
@@ -556,6 +597,43 @@ class Objectives(torch.nn.Module):
             parts["ground"] = d["ground"]
             logs.update(d)
         return parts, logs
+
+    def weighted(self, parts):
+        """The per-task terms of the total loss: w L with the --loss-weights w, and with --balance
+        uncertainty exp(-s) w L / 2 + s / 2 (Kendall, Gal & Cipolla 2018, eq. 7, for a regression
+        likelihood; s = log sigma^2 is learnt, its optimum for a fixed loss is s = log(w L)).
+        Returns (terms, the effective weight of each task's loss)."""
+        if self.log_vars is None:
+            return {k: self.weights[k] * v for k, v in parts.items()}, {k: self.weights[k] for k in parts}
+        terms, weight = {}, {}
+        for k, v in parts.items():
+            s = self.log_vars[k]
+            terms[k] = 0.5 * torch.exp(-s) * self.weights[k] * v + 0.5 * s
+            weight[k] = 0.5 * float(torch.exp(-s.detach())) * self.weights[k]
+        return terms, weight
+
+
+def tower_params(model):
+    """The shared image tower's own parameters: patch embedding, positions, blocks and final norm;
+    not its attention-pool head (read by clip and ssl alone) nor iBOT's mask token."""
+    return [p for n, p in model.vision.named_parameters()
+            if p.requires_grad and not n.startswith("head.") and n != "mask_token"]
+
+
+def pull(terms, params):
+    """Each objective's gradient on the shared tower alone (autograd of its term of the loss, as
+    weighted) -> {pull_TASK: its norm, cos_A_B: the cosine of two tasks' gradients}: which one
+    dominates the shared weights and which ones conflict (negative cosine, as PCGrad measures it)."""
+    grads = {}
+    for k, v in terms.items():
+        g = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+        grads[k] = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten().float() for x, p in zip(g, params)])
+    row = {f"pull_{k}": float(g.norm()) for k, g in grads.items()}
+    names = list(grads)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            row[f"cos_{a}_{b}"] = float(F.cosine_similarity(grads[a], grads[b], dim=0))
+    return row
 
 
 def to_device(batch, device):
@@ -672,6 +750,8 @@ def check_config(cfg):
         parse_range(cfg, flag)
     if cfg.mask_min_block < 1:
         fail(f"--mask-min-block is a number of patches, at least 1, got {cfg.mask_min_block}")
+    if cfg.pull_every < 0 or (cfg.pull_every and cfg.pull_every % cfg.log_every):
+        fail(f"--pull-every {cfg.pull_every} must be 0 or a multiple of --log-every {cfg.log_every}")
     if not 0 < cfg.mask_prob <= 1:
         fail(f"--mask-prob is a probability in (0, 1], got {cfg.mask_prob}")
     if cfg.resume and cfg.resume != "latest" and not os.path.isfile(cfg.resume):
@@ -764,7 +844,11 @@ def setup(cfg):
         start_from(model, cfg.init_from)
     teacher = model.ssl_teacher().to(device) if "ssl" in tasks else None  # a copy of the student
     objectives = Objectives(model, tasks, cfg, weights).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+    groups = param_groups(model, cfg.weight_decay)
+    if objectives.log_vars is not None:  # Kendall et al.'s s, trained with the model, never decayed
+        groups.append({"params": list(objectives.log_vars.parameters()), "weight_decay": 0.0, "decay": False,
+                       "lr_scale": BALANCE_LR_SCALE})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999),
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     step = resume(cfg, resume_path, model, teacher, objectives, optimizer, train_shards)
     if rank == 0:
@@ -884,7 +968,7 @@ def train_step(r, batch, lr, wd):
     """One optimizer step; returns (loss, per-task log values, gradient norm, teacher temperature)."""
     cfg = r.cfg
     for g in r.optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
         g["weight_decay"] = wd if g["decay"] else 0.0
     start, span = ssl_phase(r)
     ssl_on = r.teacher is not None and r.step >= start
@@ -895,13 +979,24 @@ def train_step(r, batch, lr, wd):
         target = r.teacher(batch) if ssl_on else None  # no target: Objectives leaves ssl out
     temp = losses.teacher_temp_schedule(max(r.step - start, 0), int(0.3 * span), 0.04, cfg.teacher_temp)
     parts, logs = r.objectives(out, target, batch, temp)
-    loss = sum(r.weights[k] * v for k, v in parts.items())  # per task; ssl's terms are weighed inside
+    terms, weight = r.objectives.weighted(parts)  # per task; ssl's terms are weighed inside
+    loss = sum(terms.values())
+    if r.objectives.log_vars is not None:
+        logs.update({f"weight_{k}": w for k, w in weight.items()})
+    measure = cfg.pull_every and (r.step + 1) % cfg.pull_every == 0 and len(terms) > 1
+    if measure:  # before backward, which frees the graph
+        logs.update(pull(terms, tower_params(r.model)))
     r.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if r.objectives.log_vars is not None and r.world > 1:  # the task weights live outside DDP: average them
+        for p in r.objectives.log_vars.values():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= r.world
     if r.step < start + cfg.freeze_last_layer * span:  # DINO: the first epoch; here a fraction of the steps
         for p in frozen_prototypes(r.model):
             p.grad = None  # AdamW skips a parameter without a gradient: no update, no decay
-    grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)  # the model's, not s
     r.optimizer.step()
     if ssl_on:
         ema_update(r.teacher, r.model, cosine(r.step - start, span, cfg.teacher_momentum, cfg.teacher_momentum_end))
@@ -932,7 +1027,7 @@ def train_loop(r):
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t_last) / steps_since
             row = {"step": r.step, "loss": loss.item(), "lr": lr, "wd": wd, "grad_norm": float(grad_norm),
-                   "teacher_temp": temp, **{k: float(v.detach()) for k, v in logs.items()},
+                   "teacher_temp": temp, **{k: float(v.detach() if torch.is_tensor(v) else v) for k, v in logs.items()},
                    "ms_per_step": 1000 * dt, "img_per_s": cfg.batch_size * r.world / dt,
                    "mem_gb": memory_gb(r.device)}
             if r.val_loader is not None and (r.step % (cfg.val_every or cfg.ckpt_every) == 0 or last):
@@ -965,8 +1060,36 @@ def teardown(r):
         dist.destroy_process_group()
 
 
+def weights_from(run):
+    """--weights-from: the static weights that equalise the measured pulls (Chen et al.'s GradNorm
+    target, equal gradient norms on the shared weights, taken once from a short run): w_k times
+    the pulls' geometric mean over pull_k. Returns the --loss-weights string."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        fail(f"--weights-from {run}: no metrics.jsonl there; give a train.py run folder")
+    with open(path) as f:
+        rows = [r for r in map(json.loads, f) if any(k.startswith("pull_") for k in r)]
+    if not rows:
+        fail(f"--weights-from {run}: its metrics.jsonl has no pull_* measurements; train it with --pull-every")
+    rows = rows[len(rows) // 2:]  # the second half: past the first steps' transients
+    with open(os.path.join(run, "config.json")) as f:
+        weights = json.load(f)["loss_weights"]
+    tasks = [k[len("pull_"):] for k in rows[0] if k.startswith("pull_")]
+    mean = {t: float(np.mean([r[f"pull_{t}"] for r in rows])) for t in tasks}
+    centre = math.exp(np.mean([math.log(max(v, 1e-12)) for v in mean.values()]))
+    new = {t: weights.get(t, 1.0) * centre / max(mean[t], 1e-12) for t in tasks}
+    print("mean pull on the image tower over the last {} measurements: {}".format(
+        len(rows), ", ".join(f"{t} {mean[t]:.3g}" for t in tasks)))
+    spec = ",".join(f"{t}={new[t]:.3g}" for t in tasks)
+    print(f"--loss-weights {spec}")
+    return spec
+
+
 def main(argv=None):
-    r = setup(parse_args(argv))
+    cfg = parse_args(argv)
+    if cfg.weights_from:
+        return weights_from(cfg.weights_from)
+    r = setup(cfg)
     if r is None:  # --prepare-data: the toy data is made; nothing to train
         return
     try:

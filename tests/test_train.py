@@ -72,6 +72,27 @@ def test_ssl_at_the_grid_flags(shards, tmp_path):
     assert ck["model"]["vision.pos_embed"].shape[-2] == 64
 
 
+def test_pull_and_uncertainty_weights_are_logged_and_drawn(shards, tmp_path):
+    """--pull-every logs each objective's tower gradient norm and their cosines at log steps, and
+    losses.png gets a row for them; --balance uncertainty logs the learnt weights (1/2 at the start)
+    and saves its s with the objectives (resume continues them)."""
+    out = tmp_path / "run"
+    train.main(["--tasks", "clip,depth,ground", "--data", shards["train"], "--out", str(out), "--steps", "4", *FAST,
+                "--log-every", "2", "--pull-every", "2", "--balance", "uncertainty"])
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert {"pull_clip", "pull_depth", "pull_ground", "cos_clip_depth", "cos_clip_ground", "cos_depth_ground"} <= set(r)
+        assert all(r[f"pull_{t}"] > 0 for t in ("clip", "depth", "ground"))
+        assert all(-1 <= v <= 1 for k, v in r.items() if k.startswith("cos_"))
+    assert 0.3 < rows[0]["weight_clip"] < 0.7 and rows[0]["weight_clip"] != 0.5  # s has moved from 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert set(k for k in ck["objectives"] if k.startswith("log_vars.")) == {"log_vars.clip", "log_vars.depth", "log_vars.ground"}
+    assert (out / "losses.png").stat().st_size > 0
+    r = _cli(["--tasks", "clip,depth", "--log-every", "10", "--pull-every", "15", "--out", str(tmp_path)])
+    assert r.returncode == 2 and "--pull-every 15 must be 0 or a multiple of --log-every 10" in r.stderr
+
+
 def test_fixed_batch_overfits():
     """On one fixed batch, every enabled loss falls clearly within 50 steps of the tiny model. The SSL
     teacher stays fixed here, so the DINO and iBOT targets stand still and the student must fit them."""
