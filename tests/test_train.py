@@ -170,10 +170,11 @@ def test_sigkill_and_resume_is_exact(shards, tmp_path):
     assert steps == list(range(1, 9))  # the log has no duplicated steps after the resume
 
 
-@pytest.mark.parametrize("extra", [[], ["--ssl-start", "0.5", "--ssl-views", "separate"]])
+@pytest.mark.parametrize("extra", [[], ["--ssl-start", "0.5", "--ssl-views", "separate", "--pull-every", "1",
+                                       "--balance", "uncertainty"]])
 def test_torchrun_two_processes(shards, tmp_path, extra):
-    """DDP over gloo; also with ssl joining halfway (the ssl heads unused before it) and ssl on views
-    of its own."""
+    """DDP over gloo; also with ssl joining halfway (the ssl heads unused before it), ssl on views
+    of its own, the pull measured and the task weights learnt (averaged across the ranks)."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(ROOT / "train.py"), "--tasks", "clip,ssl,depth,ground", "--data", shards["train"],
@@ -184,6 +185,8 @@ def test_torchrun_two_processes(shards, tmp_path, extra):
     rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]  # rank 0 alone writes the log
     assert rows[-1]["img_per_s"] > 0 and json.load(open(out / "config.json"))["world_size"] == 2
+    if "--pull-every" in extra:
+        assert rows[-1]["pull_ssl"] > 0 and "cos_clip_ssl" in rows[-1] and "weight_ground" in rows[-1]
 
 
 def _cli(args, cwd=ROOT):
