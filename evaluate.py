@@ -1524,6 +1524,30 @@ def paired(a, b):
     return float(d.mean()), float(d.std(ddof=1)), len(seeds)
 
 
+def pooled_cell(a, b):
+    """A difference-table cell: Δ and Δ/σ (difference), bold beyond 2σ."""
+    delta, z = difference(a, b)
+    text = f"{delta:+.3f}" + (f" ({z:+.1f}σ)" if z is not None else "")
+    return f"**{text}**" if z is not None and abs(z) > 2 else text
+
+
+def paired_cell(a, b):
+    """A paired-table cell: mean ± std of the per-seed differences and their ratio (paired), bold
+    where |mean| > 2 std; – below two shared seeds."""
+    pd = paired(a, b)
+    if pd is None:
+        return "–"
+    text = f"{pd[0]:+.3f} ± {pd[1]:.3f}" + (f" ({pd[0] / pd[1]:+.1f})" if pd[1] > 0 else "")
+    return f"**{text}**" if abs(pd[0]) > 2 * pd[1] else text
+
+
+DIFFERENCE_TABLES = (  # (title, cell) of the tables compare() prints against each reference row
+    ("Difference from **{}** (Δ, and Δ in units of the pooled seed std σ; bold where |Δ| > 2σ; a row with "
+     "one seed uses its bootstrap se as its spread):", pooled_cell),
+    ("Paired difference from **{}** on the seeds both rows have (mean ± std of the per-seed differences, "
+     "then mean/std; bold where |mean| > 2 std):", paired_cell))
+
+
 def run_group(run_dir, tasks):
     """The row a run belongs to: its tasks, and where its folder is named NAME-seedN (as make ablate
     and sweeps name them), NAME, so that runs of one task set under different recipes are rows of
@@ -1583,34 +1607,11 @@ def compare(run_dirs, out, tower="student"):
         lines.append(f"| {label} | {seeds[label]} | " + " | ".join(cell(st.get(k)) for k in names) + " |")
     trained = [s for s in stats if not s[0].startswith("init")]
     for ref_label, ref in ([trained[0]] if trained else []) + [s for s in stats if s[0].startswith("init")]:
-        lines += ["", f"Difference from **{ref_label}** (Δ, and Δ in units of the pooled seed std σ; bold where "
-                      "|Δ| > 2σ; a row with one seed uses its bootstrap se as its spread):", ""] + head
-        for label, st in stats:
-            if label == ref_label:
-                continue
-            cells = []
-            for k in names:
-                if k not in st or k not in ref:
-                    cells.append("–")
-                    continue
-                delta, z = difference(st[k], ref[k])
-                text = f"{delta:+.3f}" + (f" ({z:+.1f}σ)" if z is not None else "")
-                cells.append(f"**{text}**" if z is not None and abs(z) > 2 else text)
-            lines.append(f"| {label} | {seeds[label]} | " + " | ".join(cells) + " |")
-        lines += ["", f"Paired difference from **{ref_label}** on the seeds both rows have (mean ± std of the "
-                      "per-seed differences, then mean/std; bold where |mean| > 2 std):", ""] + head
-        for label, st in stats:
-            if label == ref_label:
-                continue
-            cells = []
-            for k in names:
-                pd = paired(st[k], ref[k]) if k in st and k in ref else None
-                if pd is None:
-                    cells.append("–")
-                    continue
-                text = f"{pd[0]:+.3f} ± {pd[1]:.3f}" + (f" ({pd[0] / pd[1]:+.1f})" if pd[1] > 0 else "")
-                cells.append(f"**{text}**" if abs(pd[0]) > 2 * pd[1] else text)
-            lines.append(f"| {label} | {seeds[label]} | " + " | ".join(cells) + " |")
+        for title, cell_of in DIFFERENCE_TABLES:
+            lines += ["", title.format(ref_label), ""] + head
+            lines += [f"| {label} | {seeds[label]} | " + " | ".join(
+                cell_of(st[k], ref[k]) if k in st and k in ref else "–" for k in names) + " |"
+                for label, st in stats if label != ref_label]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
