@@ -530,7 +530,17 @@ def plot_losses(metrics_path, png_path, refs=None, labels=None):
             ax.set_xlabel("step")
         for ax in axes[i][len(keys):]:
             ax.axis("off")
-    for ax, kind in zip(axes[-1] if third else [], third):
+    if third:
+        plot_pull(axes[-1], third, runs, labels)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def plot_pull(axes, kinds, runs, labels):
+    """losses.png's third row (--pull-every): each objective's gradient norm on the image tower
+    (log scale), and the cosines of every two objectives' gradients (0: orthogonal; below: conflict)."""
+    for ax, kind in zip(axes, kinds):
         names = sorted({q for rows in runs for r in rows for q in r if q.startswith(kind + "_")})
         for n, q in enumerate(names):
             for j, rows in enumerate(runs):
@@ -544,11 +554,8 @@ def plot_losses(metrics_path, png_path, refs=None, labels=None):
         ax.legend(fontsize=6)
         ax.set_title("gradient norm on the image tower" if kind == "pull" else "cosine of tower gradients", fontsize=9)
         ax.set_xlabel("step")
-    for ax in (axes[-1][len(third):] if third else []):
+    for ax in axes[len(kinds):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------------------------
