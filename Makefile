@@ -85,6 +85,9 @@ comma  := ,
 ifndef TOYKEY
 TOYKEY := $(shell cat data.py pseudolabel.py | sha256sum | cut -c1-12)
 endif
+ifeq ($(filter $(WORLD),toy shapes),)
+$(error WORLD=$(WORLD) is not a world of data.py; use toy or shapes)
+endif
 ifeq ($(TOYKEY),)
 $(error cannot hash data.py and pseudolabel.py for the toy data's name: sha256sum is needed)
 endif

@@ -81,6 +81,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import asdict
 
 import matplotlib
 
@@ -1575,8 +1576,16 @@ def compare(run_dirs, out, tower="student"):
         groups.setdefault(run_group(d, r["tasks"]), []).append(r)
         if os.path.isfile(init_path := os.path.join(d, "eval-init", "results.json")):
             ri = read_results(init_path)  # one untrained model per seed: the one scored on most metrics
+            other = inits.get(ri["seed"], ri)
+            if (other.get("world"), other.get("vision")) != (ri.get("world"), ri.get("vision")):
+                fail(f"--compare: the untrained models of seed {ri['seed']} differ (another world or image tower, "
+                     f"{d}); compare runs of one world and one architecture at a time")
             if ri["seed"] not in inits or len(ri["metrics"]) > len(inits[ri["seed"]]["metrics"]):
                 inits[ri["seed"]] = ri
+    for (ts, name), results in groups.items():
+        if len(seeds := [r["seed"] for r in results]) != len(set(seeds)):
+            fail(f"--compare: row {'+'.join(ts)} [{name}] has two runs of one seed ({sorted(seeds)}); "
+                 "name the runs NAME-seedN so that each recipe is a row of its own")
     order = sorted(groups, key=lambda g: (len(g[0]), [mtv.ALL_TASKS.index(t) for t in g[0]], g[1]))  # VL, + SSL, ...
     everything = [r for g in groups.values() for r in g] + list(inits.values())
     if len(precisions := {r.get("precision", "fp32") for r in everything}) > 1:  # older results: fp32
@@ -1697,6 +1706,9 @@ def main(argv=None):
 def evaluate_checkpoint(args):
     start = time.time()
     model, seed = load_checkpoint(args.checkpoint, init=args.init, tower=args.tower)
+    if args.tower == "teacher" and not args.init and tower_of(model) == "student":
+        print(f"note: {args.checkpoint} has no ssl teacher; its student is scored (results say tower: student)",
+              file=sys.stderr)
     world = trained_on(args.checkpoint)
     device = torch.device(args.device)
     model = model.to(device).eval()
@@ -1725,7 +1737,7 @@ def evaluate_checkpoint(args):
     rows = scores.rows
     rounded = lambda v: None if v is None else round(v, 6)
     results = {"checkpoint": args.checkpoint, "init": args.init, "tasks": list(model.tasks), "seed": seed,
-               "tower": tower_of(model), "world": world,
+               "tower": tower_of(model), "world": world, "vision": asdict(model.cfg.vision),
                "data": "; ".join(used), "metrics": {k: round(r["value"], 6) for k, r in rows.items()},
                "se": {k: round(r["se"], 6) for k, r in rows.items()}, "n": {k: r["n"] for k, r in rows.items()},
                "chance": {k: rounded(r["chance"]) for k, r in rows.items()},

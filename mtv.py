@@ -703,7 +703,8 @@ class SSLTeacher(nn.Module):
         self.vision, self.dino_head, self.ibot_head = vision, dino_head, ibot_head
 
     def forward(self, batch: dict) -> dict:
-        b, masked = len(batch["ibot_mask"]), len(ibot_masks(batch))
+        b = len(batch["ibot_mask"])
+        masked = 2 * b if "ibot_mask_first" in batch else b  # rows of ibot_masks(batch)
         vis = self.vision(batch["global"][-2 * b:])  # the two ssl views, unmasked: the teacher sees every patch
         return {"dino_global": self.dino_head(vis["pooled"]), "ibot": self.ibot_head(vis["patch"][-masked:])}
 

@@ -121,7 +121,9 @@ FLAG_HELP = {  # train.py --help, one entry per TrainConfig field
     "pull_every": "steps between measurements of the pull: each objective's weighted gradient on the shared image "
                   "tower alone (patch embedding, positions, blocks, final norm; not the heads) as pull_TASK, and "
                   "the cosine between every two objectives' gradients as cos_A_B, in metrics.jsonl and losses.png. "
-                  "A multiple of --log-every; each measurement costs one more backward pass per objective; 0 = never",
+                  "A multiple of --log-every; each measurement costs one more backward pass per objective; under "
+                  "torchrun it is rank 0's own gradient (not averaged over ranks); not measured while only one "
+                  "objective is active; 0 = never",
     "teacher_momentum": "start of the EMA momentum schedule (cosine to --teacher-momentum-end); 0.996 in DINO for long runs, "
                         "lower for short ones so the teacher keeps up",
     "teacher_momentum_end": "end of the EMA momentum schedule: 1.0 as DINO (the teacher freezes at the end); "
@@ -163,8 +165,10 @@ FLAG_HELP = {  # train.py --help, one entry per TrainConfig field
                  "unmasked view gives no iBOT target",
     "mask_views": "which ssl global views iBOT masks: last (the second view only) or both (iBOT)",
     "patch_size": "patch size of the image tower in pixels; 0 = the preset's (micro: 8; 4 at 32 px gives 64 tokens)",
-    "world": "toy data made when --data is empty: toy (the toy world) or shapes (one white object before a fixed "
-             "room, light and camera: scenes differ by shape, size, place and turn only; a positive control for ssl)",
+    "world": "the toy world made when --data is empty: toy, or shapes (one white object before a fixed room, light "
+             "and camera: scenes differ by shape, size, place and turn only; a positive control for ssl). With --data: "
+             "which world the shards are of, recorded in the checkpoint so that evaluate.py renders its test "
+             "scenes from it",
     "prototypes": "prototypes K of the DINO head and of the iBOT head each (the output width of their "
                   "softmax); 0 = the preset's (micro: 1024 and 512; DINO uses 65536 for ImageNet)",
     "ssl_start": "fraction of the steps (0..1) before the ssl losses join: until then no ssl loss and no "
@@ -616,7 +620,7 @@ class Objectives(torch.nn.Module):
         for k, v in parts.items():
             s = self.log_vars[k]
             terms[k] = 0.5 * torch.exp(-s) * self.weights[k] * v + 0.5 * s
-            weight[k] = 0.5 * float(torch.exp(-s.detach())) * self.weights[k]
+            weight[k] = 0.5 * torch.exp(-s.detach()) * self.weights[k]  # a tensor: no host sync per step
         return terms, weight
 
 
@@ -759,6 +763,9 @@ def check_config(cfg):
         fail(f"--mask-min-block is a number of patches, at least 1, got {cfg.mask_min_block}")
     if cfg.pull_every < 0 or (cfg.pull_every and cfg.pull_every % cfg.log_every):
         fail(f"--pull-every {cfg.pull_every} must be 0 or a multiple of --log-every {cfg.log_every}")
+    if cfg.mask_views == "both" and tasks != ("ssl",) and not ("clip" in tasks and cfg.ssl_views == "separate"):
+        fail("--mask-views both would mask the view that clip, depth and ground read (the first ssl view is the "
+             "caption view); use it with --tasks ssl alone, or with clip and --ssl-views separate")
     if not 0 < cfg.mask_prob <= 1:
         fail(f"--mask-prob is a probability in (0, 1], got {cfg.mask_prob}")
     if cfg.resume and cfg.resume != "latest" and not os.path.isfile(cfg.resume):
@@ -837,12 +844,7 @@ def setup(cfg):
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    if rank == 0:
-        settings = {**asdict(cfg), "tasks": list(tasks), "loss_weights": weights, "total_steps": total,
-                    "world_size": world, "threads": threads, "train_shards": len(train_shards), **run_info()}
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(settings, f, indent=2)
-        print0("settings:\n" + "\n".join(f"  {k:<18} {v}" for k, v in sorted(asdict(cfg).items())))
+    print0("settings:\n" + "\n".join(f"  {k:<18} {v}" for k, v in sorted(asdict(cfg).items())))
 
     # -- model, teacher, losses, optimizer ------------------------------------------------------
     model = mtv.MTV.initialised(model_cfg, tasks, cfg.seed).to(device)  # re-seeded: data generation may draw
@@ -858,8 +860,12 @@ def setup(cfg):
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999),
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     step = resume(cfg, resume_path, model, teacher, objectives, optimizer, train_shards)
-    if rank == 0:
+    if rank == 0:  # after resume's checks: a refused --resume leaves the run's config.json as it was
         trim_log(metrics_path, step)
+        settings = {**asdict(cfg), "tasks": list(tasks), "loss_weights": weights, "total_steps": total,
+                    "world_size": world, "threads": threads, "train_shards": len(train_shards), **run_info()}
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(settings, f, indent=2)
 
     # Without clip and ssl nothing reads the attention-pool head, and before --ssl-start nothing
     # reads the ssl heads: DDP must then be told that some parameters get no gradient.
@@ -908,6 +914,9 @@ def resume(cfg, path, model, teacher, objectives, optimizer, shards):
                    + (f"from --init-from {cfg.init_from}" if cfg.init_from else "from scratch"))
         return 0
     ck = load_checkpoint(path)
+    if (ck.get("train_config") or {}).get("balance", "none") != cfg.balance:
+        fail(f"--resume: {path} was trained with --balance {ck['train_config'].get('balance', 'none')}, "
+             f"not {cfg.balance}; resume with the same --balance or use a fresh --out")
     if ck.get("model_config") != model.config_dict():
         fail(f"--resume: {path} was trained with another model or tasks "
              f"({ck.get('model_config', {}).get('tasks')}); use a fresh --out")
@@ -1079,9 +1088,16 @@ def weights_from(run):
     if not rows:
         fail(f"--weights-from {run}: its metrics.jsonl has no pull_* measurements; train it with --pull-every")
     rows = rows[len(rows) // 2:]  # the second half: past the first steps' transients
-    with open(os.path.join(run, "config.json")) as f:
-        weights = json.load(f)["loss_weights"]
-    tasks = [k[len("pull_"):] for k in rows[0] if k.startswith("pull_")]
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        fail(f"--weights-from {run}: no readable config.json there; give a train.py run folder")
+    if config.get("balance", "none") != "none":
+        fail(f"--weights-from {run}: its pulls carry the weights --balance {config['balance']} learnt; "
+             "measure a run without --balance")
+    weights = config["loss_weights"]
+    tasks = [t for t in mtv.ALL_TASKS if all(f"pull_{t}" in r for r in rows)]  # measured throughout the half
     mean = {t: float(np.mean([r[f"pull_{t}"] for r in rows])) for t in tasks}
     centre = math.exp(np.mean([math.log(max(v, 1e-12)) for v in mean.values()]))
     new = {t: weights.get(t, 1.0) * centre / max(mean[t], 1e-12) for t in tasks}

@@ -614,6 +614,13 @@ def test_compare_pairs_seeds(tmp_path):
     assert E.paired({"by_seed": {"0": 1.0, "1": 2.0}}, {"by_seed": {"1": 1.5, "2": 0.0}}) is None  # one shared seed
     assert E.paired({"by_seed": {"0": 1.0, "1": 2.0, "2": 3.0}}, {"by_seed": {"0": 0.0, "1": 2.0}}) == \
         pytest.approx((0.5, math.sqrt(0.5), 2))
+    other = fake_run(tmp_path / "p4", "r-seed0", ["ssl"], 0, {"obj_shape_acc": 0.6}, init=True)  # another tower
+    results = json.loads((tmp_path / "p4" / "r-seed0" / "eval-init" / "results.json").read_text())
+    (tmp_path / "p4" / "r-seed0" / "eval-init" / "results.json").write_text(json.dumps({**results, "vision": {"patch_size": 4}}))
+    fake_run(tmp_path / "p4", "r-seed0", ["ssl"], 0, {"obj_shape_acc": 0.6})
+    with pytest.raises(SystemExit) as e:
+        E.main(["--compare", *runs, other, "--out", str(tmp_path / "cmp3")])
+    assert e.value.code == 2
     for s in range(3):
         (tmp_path / f"r-seed{s}" / "eval").rename(tmp_path / f"r-seed{s}" / "eval-teacher")
     assert "ssl [r]" in E.main(["--compare", *runs, "--out", str(tmp_path / "cmp2"), "--tower", "teacher"])

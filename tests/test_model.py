@@ -283,6 +283,9 @@ def test_ibot_masks_both_global_views(cfg):
         out, one = model(batch), model({k: v for k, v in batch.items() if k != "ibot_mask_first"})
         target = model.ssl_teacher()(batch)
     assert out["ibot"].shape[0] == target["ibot"].shape[0] == 2 * B and one["ibot"].shape[0] == B
+    with torch.no_grad():  # the teacher's targets: its unmasked patches of the first ssl view, then the last
+        views = model.ssl_teacher().vision(batch["global"][-2 * B:])["patch"]
+        torch.testing.assert_close(target["ibot"], model.ssl_teacher().ibot_head(views))
     torch.testing.assert_close(out["ibot"][B:], one["ibot"])  # the last view is masked as before
     plain = model({**batch, "ibot_mask_first": torch.zeros(B, n, dtype=torch.bool)})["ibot"][:B]
     changed = (out["ibot"][:B] - plain).abs().amax(-1) > 1e-6  # (B, N): where the first view differs

@@ -89,6 +89,16 @@ def test_pull_and_uncertainty_weights_are_logged_and_drawn(shards, tmp_path):
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert set(k for k in ck["objectives"] if k.startswith("log_vars.")) == {"log_vars.clip", "log_vars.depth", "log_vars.ground"}
     assert (out / "losses.png").stat().st_size > 0
+    before = ck["objectives"]["log_vars.clip"].clone()
+    train.main(["--tasks", "clip,depth,ground", "--data", shards["train"], "--out", str(out), "--steps", "6", *FAST,
+                "--log-every", "2", "--pull-every", "2", "--balance", "uncertainty", "--resume", "latest"])
+    after = torch.load(out / "checkpoint.pt", weights_only=True)["objectives"]["log_vars.clip"]
+    assert after != before  # resumed with its s and went on learning it
+    r = _cli(["--tasks", "clip,depth,ground", "--data", shards["train"], "--out", str(out), "--steps", "8", *FAST,
+              "--resume", "latest"])
+    assert r.returncode == 2 and "trained with --balance uncertainty, not none" in r.stderr
+    r = _cli(["--weights-from", str(out)])
+    assert r.returncode == 2 and "measure a run without --balance" in r.stderr
     r = _cli(["--tasks", "clip,depth", "--log-every", "10", "--pull-every", "15", "--out", str(tmp_path)])
     assert r.returncode == 2 and "--pull-every 15 must be 0 or a multiple of --log-every 10" in r.stderr
 
@@ -207,6 +217,7 @@ def _cli(args, cwd=ROOT):
     (["--tasks", "ssl", "--global-scale", "0.9,0.2"], "--global-scale 0.9,0.2 is not a range"),
     (["--tasks", "ssl", "--mask-prob", "0"], "--mask-prob is a probability"),
     (["--tasks", "ssl", "--mask-min-block", "0"], "--mask-min-block is a number of patches"),
+    (["--tasks", "clip,ssl", "--mask-views", "both"], "--mask-views both would mask the view that clip"),
     (["--tasks", "clip", "--image-size", "4"], "not a positive multiple"),
     (["--tasks", "ssl", "--freeze-last-layer", "1.5"], "--freeze-last-layer"),
 ])
