@@ -1577,7 +1577,8 @@ def compare(run_dirs, out, tower="student"):
         if os.path.isfile(init_path := os.path.join(d, "eval-init", "results.json")):
             ri = read_results(init_path)  # one untrained model per seed: the one scored on most metrics
             other = inits.get(ri["seed"], ri)
-            if (other.get("world"), other.get("vision")) != (ri.get("world"), ri.get("vision")):
+            known = [k for k in ("world", "vision") if k in other and k in ri]  # older results lack them
+            if any(other[k] != ri[k] for k in known):
                 fail(f"--compare: the untrained models of seed {ri['seed']} differ (another world or image tower, "
                      f"{d}); compare runs of one world and one architecture at a time")
             if ri["seed"] not in inits or len(ri["metrics"]) > len(inits[ri["seed"]]["metrics"]):

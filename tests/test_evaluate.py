@@ -599,7 +599,7 @@ def test_teacher_tower_is_loaded_and_scored(tmp_path):
     assert E.main([plain, "--n", "12", "--tower", "teacher"])["tower"] == "student"
 
 
-def test_compare_pairs_seeds(tmp_path):
+def test_compare_pairs_seeds(tmp_path, capsys):
     """--compare's paired table: per-seed differences on the seeds two rows share, mean ± std and
     mean/std, bold where |mean| > 2 std (by hand); --tower teacher reads eval-teacher/."""
     a, b = [0.50, 0.55, 0.60], [0.45, 0.52, 0.55]  # differences 0.05, 0.03, 0.05: mean 0.0433, std 0.0115
@@ -614,13 +614,20 @@ def test_compare_pairs_seeds(tmp_path):
     assert E.paired({"by_seed": {"0": 1.0, "1": 2.0}}, {"by_seed": {"1": 1.5, "2": 0.0}}) is None  # one shared seed
     assert E.paired({"by_seed": {"0": 1.0, "1": 2.0, "2": 3.0}}, {"by_seed": {"0": 0.0, "1": 2.0}}) == \
         pytest.approx((0.5, math.sqrt(0.5), 2))
-    other = fake_run(tmp_path / "p4", "r-seed0", ["ssl"], 0, {"obj_shape_acc": 0.6}, init=True)  # another tower
-    results = json.loads((tmp_path / "p4" / "r-seed0" / "eval-init" / "results.json").read_text())
-    (tmp_path / "p4" / "r-seed0" / "eval-init" / "results.json").write_text(json.dumps({**results, "vision": {"patch_size": 4}}))
-    fake_run(tmp_path / "p4", "r-seed0", ["ssl"], 0, {"obj_shape_acc": 0.6})
+    for s, patch in ((0, 8), (1, 8), (2, 8), (0, 4)):  # results now name their tower; one of another patch size
+        name = f"r-seed{s}" if patch == 8 else "q-seed0"
+        if patch == 4:
+            fake_run(tmp_path, name, ["ssl"], 0, {"obj_shape_acc": 0.6}, init=True)
+            fake_run(tmp_path, name, ["ssl"], 0, {"obj_shape_acc": 0.6})
+        path = tmp_path / name / "eval-init" / "results.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "vision": {"patch_size": patch}}))
     with pytest.raises(SystemExit) as e:
-        E.main(["--compare", *runs, other, "--out", str(tmp_path / "cmp3")])
-    assert e.value.code == 2
+        E.main(["--compare", *runs, str(tmp_path / "q-seed0"), "--out", str(tmp_path / "cmp3")])
+    assert e.value.code == 2 and "differ (another world or image tower" in capsys.readouterr().err
+    fake_run(tmp_path / "again", "r-seed0", ["ssl"], 0, {"obj_shape_acc": 0.6})  # a second run of seed 0 in row r
+    with pytest.raises(SystemExit) as e:
+        E.main(["--compare", *runs, str(tmp_path / "again" / "r-seed0"), "--out", str(tmp_path / "cmp4")])
+    assert e.value.code == 2 and "two runs of one seed" in capsys.readouterr().err
     for s in range(3):
         (tmp_path / f"r-seed{s}" / "eval").rename(tmp_path / f"r-seed{s}" / "eval-teacher")
     assert "ssl [r]" in E.main(["--compare", *runs, "--out", str(tmp_path / "cmp2"), "--tower", "teacher"])
