@@ -914,9 +914,9 @@ def resume(cfg, path, model, teacher, objectives, optimizer, shards):
                    + (f"from --init-from {cfg.init_from}" if cfg.init_from else "from scratch"))
         return 0
     ck = load_checkpoint(path)
-    if (ck.get("train_config") or {}).get("balance", "none") != cfg.balance:
-        fail(f"--resume: {path} was trained with --balance {ck['train_config'].get('balance', 'none')}, "
-             f"not {cfg.balance}; resume with the same --balance or use a fresh --out")
+    if (before := (ck.get("train_config") or {}).get("balance", "none")) != cfg.balance:
+        fail(f"--resume: {path} was trained with --balance {before}, not {cfg.balance}; resume with the same "
+             "--balance or use a fresh --out")
     if ck.get("model_config") != model.config_dict():
         fail(f"--resume: {path} was trained with another model or tasks "
              f"({ck.get('model_config', {}).get('tasks')}); use a fresh --out")
