@@ -48,7 +48,7 @@ demo: $(VENV)/.installed
 #   make ablate ABLATE=runs/ablate-full CAPTIONS=full    captions that name everything (the paper's
 #                                                        premise: CLIP lacks what web captions omit)
 #   make ablate PRECISION=bf16                           bf16 autocast on the CPU (AVX512-BF16)
-#   make ablate RECIPE='$(LADDER_RECIPE)'               the recipe README's reproduced ladder ran at (momentum 0.996)
+#   make ablate RECIPE='$(LADDER_RECIPE)' WEIGHTS=      the recipe README's reproduced ladder ran at (momentum 0.996, no weights)
 #   make ablate RECIPE=                                  train.py's own defaults (the paper as we read it) instead
 #                                                        of the joining recipe README Results' sweep chose
 #   make ablate EXTRA="--teacher-temp 0.02"              any other train.py flags, for every run (after RECIPE)
@@ -73,11 +73,18 @@ PRECISION ?= auto
 # unjittered caption view. README's reproduced ladder ran at momentum 0.996: LADDER_RECIPE.
 RECIPE ?= --teacher-temp 0.04 --teacher-momentum 0.95 --teacher-momentum-end 0.95 --caption-jitter 0
 LADDER_RECIPE = --teacher-temp 0.04 --teacher-momentum 0.996 --teacher-momentum-end 0.996 --caption-jitter 0
+# The objectives' weights, chosen by the balance round's rule (docs/log-balance.md): static weights that
+# equalise the four objectives' pull on the image tower, printed by `train.py --weights-from` after a
+# 300-step 4-task run (seed 0, --pull-every 25). A run of two or more tasks gets its own tasks' weights;
+# a single objective has nothing to balance and gets none. README's reproduced ladder ran without:
+# WEIGHTS= (empty).
+WEIGHTS ?= clip=0.478,ssl=0.186,depth=78,ground=0.144
 EXTRA  ?=
 EVAL_N ?= 2000
 LANES  ?= $(shell nproc)
 INIT_ROW ?= $(lastword $(ROWS))
 comma  := ,
+space  := $(subst ,, )
 # The toy data's folder names the code that makes it (train.toy_code_key: the same digest of data.py
 # and pseudolabel.py), so a change to the world or the simulated experts makes it anew: a cache made
 # by other code is never reused, and a run begun on other data refuses to resume on it. The key is
@@ -97,6 +104,9 @@ INITS   = $(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(INIT_ROW))-seed$(s
 ONE     = OMP_NUM_THREADS=1 $(PY)
 run_tasks = $(subst +,$(comma),$(firstword $(subst -seed, ,$(1))))
 run_seed  = $(lastword $(subst -seed, ,$(1)))
+run_list  = $(subst +, ,$(firstword $(subst -seed, ,$(1))))
+run_weights = $(if $(and $(WEIGHTS),$(word 2,$(call run_list,$(1)))),--loss-weights $(subst $(space),$(comma),$(strip \
+	$(foreach w,$(subst $(comma), ,$(WEIGHTS)),$(if $(filter $(firstword $(subst =, ,$(w))),$(call run_list,$(1))),$(w))))))
 reverse   = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
 
 ablate: $(VENV)/.installed $(TOYDATA)/made-by.json
@@ -121,7 +131,7 @@ $(ABLATE)/%/eval/results.json: $(TOYDATA)/made-by.json
 	@mkdir -p $(ABLATE)/$* && echo "start $* (log: $(ABLATE)/$*/log.txt)"
 	@$(ONE) train.py --tasks $(call run_tasks,$*) --seed $(call run_seed,$*) --model $(MODEL) \
 		--image-size $(SIZE) --steps $(STEPS) --lr $(LR) --batch-size $(BATCH) --n-local $(NLOCAL) \
-		--data '$(TOYDATA)/labelled/train-*.tar' --val-data '$(TOYDATA)/labelled/val-*.tar' --precision $(PRECISION) $(RECIPE) $(EXTRA) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
+		--data '$(TOYDATA)/labelled/train-*.tar' --val-data '$(TOYDATA)/labelled/val-*.tar' --precision $(PRECISION) $(RECIPE) $(call run_weights,$*) $(EXTRA) --log-every 50 --ckpt-every 100 --out $(ABLATE)/$* --resume latest \
 		> $(ABLATE)/$*/log.txt 2>&1 || { tail -3 $(ABLATE)/$*/log.txt; exit 1; }
 	@$(ONE) evaluate.py $(ABLATE)/$*/checkpoint.pt --n $(EVAL_N) > $(ABLATE)/$*/eval.log 2>&1 \
 		|| { tail -3 $(ABLATE)/$*/eval.log; exit 1; }

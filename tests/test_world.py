@@ -130,6 +130,27 @@ def test_makefile_and_train_key_the_toy_data_by_its_code(tmp_path):
         seen.add(now)
 
 
+def test_make_ablate_weighs_each_row_by_its_own_tasks():
+    """make ablate's WEIGHTS (the balance round's static weights): a row of several tasks gets the
+    weights of its tasks, in a form train.py accepts; a single objective and WEIGHTS= get none."""
+    import train
+
+    data_made = _make_toy_data_path(REPO) + "/made-by.json"
+
+    def flags(run, *args):
+        out = subprocess.run(["make", "-n", "-s", "-C", str(REPO), "-o", ".venv/.installed", "-o", data_made,
+                              "ABLATE=/nonexistent", *args, f"/nonexistent/{run}/eval/results.json"],
+                             capture_output=True, text=True, check=True).stdout
+        return re.search(r"--caption-jitter 0 (.*?)\s*--log-every", out)[1].split()
+
+    assert flags("clip-seed0") == [] and flags("depth-seed1") == []
+    assert flags("clip+ssl-seed0") == ["--loss-weights", "clip=0.478,ssl=0.186"]
+    assert flags("ssl+depth+ground-seed2") == ["--loss-weights", "ssl=0.186,depth=78,ground=0.144"]
+    four = flags("clip+ssl+depth+ground-seed0")
+    assert train.parse_weights(four[1], ("clip", "ssl", "depth", "ground"))["depth"] == 78.0
+    assert flags("clip+ssl+depth+ground-seed0", "WEIGHTS=") == []
+
+
 def test_train_makes_reuses_and_refuses_toy_data(tmp_path, monkeypatch, capsys):
     import train
 
