@@ -316,3 +316,34 @@ def test_preset_init(preset):
         if w.ndim != 2 or name == "pos_embed" or name.startswith("head.attn"):
             continue  # the position table and nn.MultiheadAttention's fused weights: test_vit_init
         assert w.std().item() == pytest.approx(math.sqrt(2 / sum(w.shape)), rel=0.05), name
+
+
+def test_init_from_copies_the_shared_weights(shards, tmp_path, capsys):
+    """--init-from a depth run's checkpoint: an ssl run starts (step 0) with that run's image tower,
+    its own ssl heads as --seed makes them, and a teacher equal to the student; a checkpoint of
+    another image tower, or a missing one, is one sentence and exit 2."""
+    src = run(shards, tmp_path / "depth", "depth", "--steps", "2")
+    base = ["--tasks", "ssl", "--data", shards, "--batch-size", "4", "--image-size", "32", "--workers", "0",
+            "--n-local", "2"]
+    plain = train.setup(train.parse_args(base + ["--out", str(tmp_path / "plain")]))
+    r = train.setup(train.parse_args(base + ["--out", str(tmp_path / "from"),
+                                             "--init-from", str(tmp_path / "depth" / "checkpoint.pt")]))
+    ours, fresh = r.model.state_dict(), plain.model.state_dict()
+    copied = [k for k in src["model"] if k in ours]
+    assert r.step == 0 and len(copied) > 20 and all(k.startswith("vision.") for k in copied)
+    assert all(torch.equal(ours[k], src["model"][k]) for k in copied)
+    assert not torch.equal(ours["vision.blocks.0.mlp.fc1.weight"], fresh["vision.blocks.0.mlp.fc1.weight"])
+    assert all(torch.equal(ours[k], fresh[k]) for k in ours if k not in copied)  # ssl heads, mask token
+    assert all(torch.equal(v, ours[k]) for k, v in r.teacher.state_dict().items())
+    assert f"--init-from: {len(copied)} of {len(ours)} tensors" in capsys.readouterr().out
+    run(shards, tmp_path / "ran", "ssl", "--init-from", str(tmp_path / "depth" / "checkpoint.pt"))
+    with pytest.raises(SystemExit) as e:  # its --init model is not the one it started from
+        evaluate.load_checkpoint(str(tmp_path / "ran" / "checkpoint.pt"), init=True)
+    assert e.value.code == 2 and "started from the weights of" in capsys.readouterr().err
+    for extra, message in ((["--image-size", "64"], "has another image tower (image_size 32 against 64)"),
+                           ([], "is not a checkpoint file")):
+        path = str(tmp_path / "depth" / ("checkpoint.pt" if extra else "nope.pt"))
+        with pytest.raises(SystemExit) as e:
+            train.setup(train.parse_args(base + ["--out", str(tmp_path / "x"), "--init-from", path, *extra]))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and "\n" not in err
