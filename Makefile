@@ -102,9 +102,9 @@ TOYDATA = runs/toy-data/$(if $(filter shapes,$(WORLD)),shapes1,world2)-$(CAPTION
 RUNS    = $(foreach t,$(ROWS),$(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(t))-seed$(s)))
 INITS   = $(foreach s,$(SEEDS),$(ABLATE)/$(subst $(comma),+,$(INIT_ROW))-seed$(s)/eval-init/results.json)
 ONE     = OMP_NUM_THREADS=1 $(PY)
-run_tasks = $(subst +,$(comma),$(firstword $(subst -seed, ,$(1))))
-run_seed  = $(lastword $(subst -seed, ,$(1)))
 run_list  = $(subst +, ,$(firstword $(subst -seed, ,$(1))))
+run_tasks = $(subst $(space),$(comma),$(call run_list,$(1)))
+run_seed  = $(lastword $(subst -seed, ,$(1)))
 run_weights = $(if $(and $(WEIGHTS),$(word 2,$(call run_list,$(1)))),--loss-weights $(subst $(space),$(comma),$(strip \
 	$(foreach w,$(subst $(comma), ,$(WEIGHTS)),$(if $(filter $(firstword $(subst =, ,$(w))),$(call run_list,$(1))),$(w))))))
 reverse   = $(if $(1),$(call reverse,$(wordlist 2,$(words $(1)),$(1))) $(firstword $(1)))
