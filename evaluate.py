@@ -8,7 +8,7 @@ minute on one CPU core (65 s for an ssl model). The same code runs on real data.
 
     python evaluate.py CHECKPOINT [--data GLOB] [--n N] [--init] [--out DIR] [--device DEV]
     python evaluate.py CHECKPOINT --imagenet DIR --coco DIR --spair DIR --navi DIR --nyu DIR --ade DIR --kitti DIR
-    python evaluate.py --compare RUN_DIR ... [--out DIR]
+    python evaluate.py --compare RUN_DIR ... [--against first|previous|last] [--out DIR]
 
 CHECKPOINT is a train.py checkpoint.pt, or a directory with a
 SigLIP-format model (config.json + weights, e.g. the released MTV weights), converted by
@@ -68,8 +68,9 @@ dir>/eval (eval-init with --init). --compare reads RUN_DIR/eval/results.json (an
 RUN_DIR/eval-init/results.json where present) of several train.py runs, groups runs with the
 same tasks (seeds) and writes the paper's Figure 1 layout to OUT/compare.md (and .json) and OUT/radar.png:
 mean +- std over seeds, chance and ceiling rows, the untrained row first, and each row's
-difference from the first trained row and from the untrained one in units of their pooled seed
-std (bold where it exceeds 2).
+difference from the first trained row (--against previous: from the row before it, a ladder's
+steps; --against last: from the largest row, a leave-one-out) and from the untrained one, in
+units of their pooled seed std and paired by seed (bold beyond 2).
 """
 
 import argparse
@@ -1543,9 +1544,9 @@ def paired_cell(a, b):
 
 
 DIFFERENCE_TABLES = (  # (title, cell) of the tables compare() prints against each reference row
-    ("Difference from **{}** (Δ, and Δ in units of the pooled seed std σ; bold where |Δ| > 2σ; a row with "
+    ("Difference from {} (Δ, and Δ in units of the pooled seed std σ; bold where |Δ| > 2σ; a row with "
      "one seed uses its bootstrap se as its spread):", pooled_cell),
-    ("Paired difference from **{}** on the seeds both rows have (mean ± std of the per-seed differences, "
+    ("Paired difference from {} on the seeds both rows have (mean ± std of the per-seed differences, "
      "then mean/std; bold where |mean| > 2 std):", paired_cell))
 
 
@@ -1559,11 +1560,33 @@ def run_group(run_dir, tasks):
     return tasks, stem.group(1) if stem else "+".join(tasks)  # a run without -seedN: a row of its tasks
 
 
-def compare(run_dirs, out, tower="student"):
+AGAINST = {"first": "every row from the first trained row (the smallest task set: VL in Figure 1's order)",
+           "previous": "each row from the row before it (the steps of a ladder: clip, + ssl, + ground, + depth)",
+           "last": "every row from the last (the largest task set: a leave-one-out against all four)"}
+
+
+def difference_pairs(stats, against):
+    """(title, [(shown label, label, row stats, reference stats)]) of compare()'s difference tables:
+    the trained rows against the reference AGAINST names, then every row against the untrained one."""
+    trained = [s for s in stats if not s[0].startswith("init")]
+
+    def from_one(ref_label, ref):
+        return f"**{ref_label}**", [(label, label, st, ref) for label, st in stats if label != ref_label]
+
+    if against == "previous":
+        steps = [(f"{label} (from {trained[i - 1][0]})", label, st, trained[i - 1][1])
+                 for i, (label, st) in enumerate(trained) if i]
+        out = [("the row before it", steps)] if steps else []
+    else:
+        out = [from_one(*trained[0 if against == "first" else -1])] if trained else []
+    return out + [from_one(*s) for s in stats if s[0].startswith("init")]
+
+
+def compare(run_dirs, out, tower="student", against="first"):
     """Rows = task sets, or recipes of a task set (run_group: runs of one row are its seeds),
     columns = key metrics: the paper's Figure 1 layout, as Markdown and a radar. The untrained model (eval-init of any run; one per
-    seed) is the first row, chance and ceiling rows frame the table, and two more tables give
-    every row's difference from the first trained row and from the untrained one."""
+    seed) is the first row, chance and ceiling rows frame the table, and more tables give every
+    row's difference (pooled and paired) from the reference AGAINST names and from the untrained one."""
     groups, inits = {}, {}
     for d in run_dirs:
         path = next((p for p in (os.path.join(d, eval_folder(False, tower), "results.json"),
@@ -1615,13 +1638,12 @@ def compare(run_dirs, out, tower="student"):
     seeds = {label: ",".join(str(r["seed"]) for r in results) for label, results in rows}
     for label, st in stats:
         lines.append(f"| {label} | {seeds[label]} | " + " | ".join(cell(st.get(k)) for k in names) + " |")
-    trained = [s for s in stats if not s[0].startswith("init")]
-    for ref_label, ref in ([trained[0]] if trained else []) + [s for s in stats if s[0].startswith("init")]:
+    for ref_title, pairs in difference_pairs(stats, against):
         for title, cell_of in DIFFERENCE_TABLES:
-            lines += ["", title.format(ref_label), ""] + head
-            lines += [f"| {label} | {seeds[label]} | " + " | ".join(
+            lines += ["", title.format(ref_title), ""] + head
+            lines += [f"| {shown} | {seeds[label]} | " + " | ".join(
                 cell_of(st[k], ref[k]) if k in st and k in ref else "–" for k in names) + " |"
-                for label, st in stats if label != ref_label]
+                for shown, label, st, ref in pairs]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -1682,6 +1704,9 @@ def parse_args(argv):
                         "disparity (Depth Anything) or depth (MiDaS: the aligned disparity inverted first); the "
                         "toy twin scores depth (default: disparity)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="aggregate evaluated train.py runs instead")
+    p.add_argument("--against", choices=tuple(AGAINST), default="first",
+                   help="with --compare, the difference tables give " + "; ".join(
+                       f"{k}: {v}" for k, v in AGAINST.items()) + " (default first); all also from the untrained row")
     return p.parse_args(argv)
 
 
@@ -1691,9 +1716,11 @@ def main(argv=None):
         if args.checkpoint:
             fail("give either a CHECKPOINT to evaluate or --compare RUN_DIR ..., not both")
         return compare(args.compare, args.out or os.path.commonpath([os.path.abspath(d) for d in args.compare]),
-                       args.tower)
+                       args.tower, args.against)
     if not args.checkpoint:
         fail("give a CHECKPOINT to evaluate, or --compare RUN_DIR ...")
+    if args.against != "first":
+        fail("--against chooses the reference row of --compare's tables; give it with --compare RUN_DIR ...")
     if args.n < 6:
         fail(f"--n {args.n} is too small; the probes need at least 6 scenes (4 to train, 2 to test)")
     global PRECISION

@@ -480,6 +480,28 @@ def test_compare_groups_seeds(tmp_path, capsys):
     assert e.value.code == 2 and "no eval/results.json" in capsys.readouterr().err
 
 
+def test_compare_against_previous_and_last(tmp_path, capsys):
+    """--against previous: each row from the row before it (a ladder's steps); --against last: from
+    the largest row (a leave-one-out); both paired by seed. Values by hand."""
+    shape = {"clip": (0.30, 0.34), "clip+ssl": (0.35, 0.37), "clip+ssl+depth+ground": (0.50, 0.56)}
+    runs = [fake_run(tmp_path, f"{name}-seed{s}", name.split("+"), s, {"zs_shape_acc": v[s]})
+            for name, v in shape.items() for s in (0, 1)]
+    E.main(["--compare", *runs, "--out", str(tmp_path / "steps"), "--against", "previous"])
+    md = (tmp_path / "steps" / "compare.md").read_text()
+    assert "Difference from the row before it" in md and "Difference from **clip**" not in md
+    # clip+ssl - clip per seed: +0.05, +0.03 -> mean 0.04, std 0.0141, ratio 2.8: bold
+    assert "| clip+ssl (from clip) | 0,1 | **+0.040 ± 0.014 (+2.8)** |" in md
+    # all four - clip+ssl: +0.15, +0.19 -> mean 0.17, std 0.028, ratio 6.0
+    assert "| clip+ssl+depth+ground (from clip+ssl) | 0,1 | **+0.170 ± 0.028 (+6.0)** |" in md
+    E.main(["--compare", *runs, "--out", str(tmp_path / "loo"), "--against", "last"])
+    md = (tmp_path / "loo" / "compare.md").read_text()
+    assert "Paired difference from **clip+ssl+depth+ground**" in md
+    assert "| clip | 0,1 | **-0.210 ± 0.014 (-14.8)** |" in md  # 0.30-0.50, 0.34-0.56
+    with pytest.raises(SystemExit) as e:
+        E.main([runs[0] + "/checkpoint.pt", "--against", "last"])
+    assert e.value.code == 2 and "--against" in capsys.readouterr().err
+
+
 def test_compare_rows_by_recipe(tmp_path):
     """Runs named NAME-seedN are rows by NAME within a task set (a sweep of recipes for clip,ssl),
     so two recipes are not pooled as seeds of one; make ablate's TASKS-seedN names keep their label."""
