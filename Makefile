@@ -35,7 +35,8 @@ demo: $(VENV)/.installed
 # (two 2-thread runs on 2 cores run ~20x slower than two 1-thread runs); finished runs are skipped
 # and half-done ones resumed, so the target can be rerun after an interruption. The untrained
 # model of INIT_ROW is evaluated for every seed (--init), then everything is aggregated into
-# $(ABLATE)/compare.md and radar.png.
+# $(ABLATE)/compare.md and radar.png (README's tables: evaluate.py --compare RUNS --against previous for
+# the ladder's steps, --against last for the leave-one-out).
 # Override any variable:
 #   make ablate ROWS="ssl,depth,ground clip,depth,ground clip,ssl,ground clip,ssl,depth clip,ssl,depth,ground"
 #                                                        each objective left out once (the paper's
@@ -48,7 +49,7 @@ demo: $(VENV)/.installed
 #   make ablate ABLATE=runs/ablate-full CAPTIONS=full    captions that name everything (the paper's
 #                                                        premise: CLIP lacks what web captions omit)
 #   make ablate PRECISION=bf16                           bf16 autocast on the CPU (AVX512-BF16)
-#   make ablate RECIPE='$(LADDER_RECIPE)' WEIGHTS=      the recipe README's reproduced ladder ran at (momentum 0.996, no weights)
+#   make ablate RECIPE='$(LADDER_RECIPE)' WEIGHTS=      the ladder before the balance (docs/ladder: momentum 0.996, no weights)
 #   make ablate RECIPE=                                  train.py's own defaults (the paper as we read it) instead
 #                                                        of the joining recipe README Results' sweep chose
 #   make ablate EXTRA="--teacher-temp 0.02"              any other train.py flags, for every run (after RECIPE)
@@ -70,13 +71,13 @@ PRECISION ?= auto
 # How SSL trains and joins CLIP: DINO's teacher temperature held at 0.04 (the SSL sweep), SILC's fixed
 # teacher momentum (the joining sweep) at 0.95, a teacher that keeps up in 1,500 steps (the token-grid
 # round, docs/log-ssl-grid.md: the one change that lifted ssl alone on object shape), SLIP's
-# unjittered caption view. README's reproduced ladder ran at momentum 0.996: LADDER_RECIPE.
+# unjittered caption view. The ladder before the balance (docs/ladder) ran at momentum 0.996: LADDER_RECIPE.
 RECIPE ?= --teacher-temp 0.04 --teacher-momentum 0.95 --teacher-momentum-end 0.95 --caption-jitter 0
 LADDER_RECIPE = --teacher-temp 0.04 --teacher-momentum 0.996 --teacher-momentum-end 0.996 --caption-jitter 0
 # The objectives' weights, chosen by the balance round's rule (docs/log-balance.md): static weights that
 # equalise the four objectives' pull on the image tower, printed by `train.py --weights-from` after a
 # 300-step 4-task run (seed 0, --pull-every 25). A run of two or more tasks gets its own tasks' weights;
-# a single objective has nothing to balance and gets none. README's reproduced ladder ran without:
+# a single objective has nothing to balance and gets none. The ladder before the balance ran without:
 # WEIGHTS= (empty).
 WEIGHTS ?= clip=0.478,ssl=0.186,depth=78,ground=0.144
 EXTRA  ?=
