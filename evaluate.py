@@ -1561,8 +1561,9 @@ def run_group(run_dir, tasks):
 
 
 AGAINST = {"first": "every row from the first trained row (the smallest task set: VL in Figure 1's order)",
-           "previous": "each row from the row before it (the steps of a ladder: clip, + ssl, + ground, + depth)",
-           "last": "every row from the last (the largest task set: a leave-one-out against all four)"}
+           "previous": "each trained row from the one before it in the table (a ladder's steps when each row "
+                       "adds one task: clip, + ssl, + ground, + depth)",
+           "last": "every row from the table's last trained row (the largest task set: all four, for a leave-one-out)"}
 
 
 def difference_pairs(stats, against):
