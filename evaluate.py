@@ -674,8 +674,9 @@ def zero_shot(img, class_emb, scenes):
     parts = {"zs_color_acc": hits((pred % C == truth % C)[single]),
              "zs_shape_acc": hits((pred // C == truth // C)[single]),
              "zs_present_acc": hits(ok[~single])}
+    many = [len(p) for p, s in zip(present, single) if not s]  # none in the shapes world
     chance = {"zs_color_acc": 1 / C, "zs_shape_acc": 1 / len(data.SHAPES),
-              "zs_present_acc": float(np.mean([len(p) for p, s in zip(present, single) if not s])) / len(class_emb)}
+              "zs_present_acc": sum(many) / len(many) / len(class_emb) if many else None}
     return parts, chance
 
 
