@@ -35,13 +35,15 @@ demo: $(VENV)/.installed
 # (two 2-thread runs on 2 cores run ~20x slower than two 1-thread runs); finished runs are skipped
 # and half-done ones resumed, so the target can be rerun after an interruption. The untrained
 # model of INIT_ROW is evaluated for every seed (--init), then everything is aggregated into
-# $(ABLATE)/compare.md and radar.png (README's tables: evaluate.py --compare RUNS --against previous for
-# the ladder's steps, --against last for the leave-one-out).
+# $(ABLATE)/compare.md and radar.png, each row's differences taken against AGAINST (evaluate.py
+# --against): first, the first trained row; previous, the row before it (a ladder's steps, as README's
+# ladder table); last, the last row (a leave-one-out against all four, as README's).
 # Override any variable:
 #   make ablate ROWS="ssl,depth,ground clip,depth,ground clip,ssl,ground clip,ssl,depth clip,ssl,depth,ground"
 #                                                        each objective left out once (the paper's
 #                                                        synergy analysis; the full row last = INIT_ROW)
 #   make ablate ROWS="clip ssl depth ground"             each objective alone
+#   make ablate AGAINST=previous                         the ladder's steps: each row against the row before it
 #   make ablate MODEL=tiny STEPS=2000 LR=1.5e-4 ABLATE=runs/ablate-tiny
 #                                                        the wider tiny preset at its own recipe (README
 #                                                        sweep): an estimated 3.8 h in 2 lanes
@@ -84,6 +86,7 @@ EXTRA  ?=
 EVAL_N ?= 2000
 LANES  ?= $(shell nproc)
 INIT_ROW ?= $(lastword $(ROWS))
+AGAINST ?= first
 comma  := ,
 space  := $(subst ,, )
 # The toy data's folder names the code that makes it (train.toy_code_key: the same digest of data.py
@@ -95,6 +98,9 @@ TOYKEY := $(shell cat data.py pseudolabel.py | sha256sum | cut -c1-12)
 endif
 ifeq ($(filter $(WORLD),toy shapes),)
 $(error WORLD=$(WORLD) is not a world of data.py; use toy or shapes)
+endif
+ifeq ($(filter $(AGAINST),first previous last),)
+$(error AGAINST=$(AGAINST) is not one of first, previous, last: the row evaluate.py --against compares with)
 endif
 ifeq ($(TOYKEY),)
 $(error cannot hash data.py and pseudolabel.py for the toy data's name: sha256sum is needed)
@@ -114,7 +120,7 @@ ablate: $(VENV)/.installed $(TOYDATA)/made-by.json
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory -j $(LANES) ablate-runs TOYKEY=$(TOYKEY) || exit 1; \
 	echo "ablate: $(words $(RUNS)) runs in $(LANES) lanes, $$(( ($$(date +%s) - start) / 60 )) min wall"
-	$(PY) evaluate.py --compare $(RUNS) --out $(ABLATE)
+	$(PY) evaluate.py --compare $(RUNS) --against $(AGAINST) --out $(ABLATE)
 
 # the dearest rows first, so that no lane idles at the end while another finishes a long run
 ablate-runs: $(addsuffix /eval/results.json,$(call reverse,$(RUNS))) $(INITS)

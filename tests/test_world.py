@@ -151,6 +151,25 @@ def test_make_ablate_weighs_each_row_by_its_own_tasks():
     assert flags("clip+ssl+depth+ground-seed0", "WEIGHTS=") == []
 
 
+def test_make_ablate_compares_against_the_row_asked():
+    """make ablate's closing table takes its differences against AGAINST (evaluate.py --against);
+    a value evaluate.py would refuse stops make before any run starts, not after an hour of them."""
+    data_made = _make_toy_data_path(REPO) + "/made-by.json"
+
+    def ablate(*args):
+        return subprocess.run(["make", "-n", "-s", "-C", str(REPO), "-o", ".venv/.installed", "-o", data_made,
+                               "ablate", "ABLATE=/nonexistent", "ROWS=clip clip,ssl", "SEEDS=0", *args],
+                              capture_output=True, text=True)
+
+    compare = lambda out: re.search(r"evaluate.py --compare (.*)", out)[1].split()
+    assert compare(ablate().stdout) == ["/nonexistent/clip-seed0", "/nonexistent/clip+ssl-seed0",
+                                        "--against", "first", "--out", "/nonexistent"]
+    assert compare(ablate("AGAINST=previous").stdout)[2:4] == ["--against", "previous"]
+    bad = ablate("AGAINST=before")
+    assert bad.returncode == 2 and "AGAINST=before is not one of first, previous, last" in bad.stderr
+    assert "train.py" not in bad.stdout
+
+
 def test_train_makes_reuses_and_refuses_toy_data(tmp_path, monkeypatch, capsys):
     import train
 
